@@ -121,13 +121,21 @@ class ConvAE(nn.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) in [0, 1] → latent (N, H/4, W/4, latent_channels), linear output."""
+        return self.encode_layers(x)["latent"]
+
+    def encode_layers(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Every encoder stage's output: 'block1' (after conv0+ReLU+pool), 'block2', 'block3' (conv2+ReLU), 'latent'.
+
+        Feature extraction pools the intermediate stages into translation-invariant statistics; XLA drops the
+        stages a caller does not use.
+        """
         conv = _conv_reference if self.formulation == "plain" else _conv
         layers = self.encoder.layers(self.dtype)
         x = x.astype(self.dtype)
-        x = max_pool_2x2(nn.relu(conv(x, *layers[0])))
-        x = max_pool_2x2(nn.relu(conv(x, *layers[1])))
-        x = nn.relu(conv(x, *layers[2]))
-        return conv(x, *layers[3])
+        b1 = max_pool_2x2(nn.relu(conv(x, *layers[0])))
+        b2 = max_pool_2x2(nn.relu(conv(b1, *layers[1])))
+        b3 = nn.relu(conv(b2, *layers[2]))
+        return {"block1": b1, "block2": b2, "block3": b3, "latent": conv(b3, *layers[3])}
 
     def decode_logits(self, z: jax.Array) -> jax.Array:
         layers = self.decoder.layers(self.dtype)
