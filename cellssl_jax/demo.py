@@ -1,0 +1,229 @@
+"""The whole mission on the synthetic demo plate, start to report: `make demo` runs
+
+    python -m cellssl_jax.demo --workdir runs/demo
+
+Stages (each writes under the workdir and records itself in ``summary.json``; a rerun skips finished stages and the
+training stage resumes from its last checkpoint):
+ 1. plate     render the synthetic time-lapse plate with planted drug effects   → plate/
+ 2. dataset   manifest → TFDS ArrayRecord (quarantine report)                  → dataset/
+ 3. crops     one multi-crop training batch as a picture                       → multicrop_grid.png
+ 4. train     ConvAE pretraining, configs/demo.py                              → train/ (Orbax checkpoints, metrics)
+ 5. interop   export to PyTorch (.pt, .safetensors) + parity; authors' weights → export/, authors/
+ 6. features  encoder features of every image (flattened latent, pooled)       → features_*.parquet
+ 7. temporal  distance-to-DMSO curves, DTW clustering, effects vs ground truth  → temporal_*/
+ 8. report    one HTML page                                                     → report.html
+
+It calls the same library functions as the CLIs (``train.py``, ``evaluate.py``, ``python -m data_pipelines.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from cellssl_jax import platform  # noqa: F401  (XLA flags before the backend starts)
+
+log = logging.getLogger("cellssl_jax.demo")
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+FEATURE_MODES = ("latent", "pooled")
+
+
+class Run:
+    """The run folder and its summary.json: one record per stage, written after each stage finishes."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "summary.json"
+        self.summary = json.loads(self.path.read_text()) if self.path.exists() else {"stages": []}
+
+    def done(self, name: str) -> dict | None:
+        return next((s for s in self.summary["stages"] if s["name"] == name), None)
+
+    def record(self, stage: dict) -> None:
+        self.summary["stages"] = [s for s in self.summary["stages"] if s["name"] != stage["name"]] + [stage]
+        order = ["plate", "dataset", "crops", "train", "interop", "features", "temporal"]
+        self.summary["stages"].sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
+        self.path.write_text(json.dumps(self.summary, indent=2, default=str))
+
+
+def stage_plate(run: Run, seed: int) -> dict:
+    from data_pipelines.synthetic_plate import render_plate
+
+    out = run.dir / "plate"
+    manifest = render_plate(out, preset="demo", seed=seed, workers=os.cpu_count() or 1)
+    plate = json.loads((out / "plate.json").read_text())
+    import pandas as pd
+
+    gt = pd.read_csv(out / "ground_truth.csv")
+    counts = gt[~gt.effect.eq("control")].effect.value_counts().to_dict()
+    return {"title": "1. Synthetic plate", "manifest": str(manifest.relative_to(run.dir)),
+            "text": "A rendered live-cell experiment with planted effects per (cell line, drug, concentration).",
+            "figures_of_merit": {"images": plate.get("n_images"), "wells": plate.get("n_wells"),
+                                 **{f"conditions {k}": int(v) for k, v in counts.items()}},
+            "tables": [{"title": "Planted ground truth", "path": "plate/ground_truth.csv", "max_rows": 20}]}
+
+
+def stage_dataset(run: Run) -> dict:
+    from data_pipelines.build import build_dataset
+
+    report = build_dataset(run.dir / "plate" / "manifest.csv", run.dir / "dataset", overwrite=True)
+    fom = {k: v for k, v in vars(report).items() if isinstance(v, (int, float, str))} if hasattr(report, "__dict__") \
+        else {"report": str(report)}
+    return {"title": "2. Dataset (TFDS ArrayRecord)", "figures_of_merit": fom}
+
+
+def stage_crops(run: Run, seed: int) -> dict:
+    from data_pipelines.input_pipeline import create_train_dataset, default_input_config
+    from data_pipelines.source import open_source
+    from cellssl_jax.report.figures import save_multicrop_grid
+
+    cfg = default_input_config()
+    cfg.batch_size = 8
+    batch = next(iter(create_train_dataset(open_source(run.dir / "dataset"), cfg, seed=seed,
+                                           process_index=0, process_count=1)))
+    labels = ["global (100%)", "50–75%"] + ["50%"] * (len(batch["crops"]) - 2)
+    save_multicrop_grid(batch, run.dir / "multicrop_grid.png", crop_labels=labels)
+    return {"title": "3. Multi-crop input pipeline (Grain)",
+            "text": "Paper's final strategy: 1 whole image, 1 crop of 50–75% of the area, 3 of 50%; "
+                    "h-flip p=0.5, Gaussian blur 3×3 σ∈[0.1, 2] p=0.2.",
+            "figures": [{"path": "multicrop_grid.png", "caption": "rows: images; columns: their five crops"}]}
+
+
+def stage_train(run: Run, overrides: list[str]) -> dict:
+    from cellssl_jax.training import train_and_evaluate
+    from configs import demo as demo_config
+
+    cfg = demo_config.get_config()
+    cfg.dataset_dir = str(run.dir / "dataset")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        _set_path(cfg, key, value)
+    result = train_and_evaluate(cfg, str(run.dir / "train")) or {}
+    from cellssl_jax.report.figures import save_loss_curve
+
+    figures = []
+    if save_loss_curve(run.dir / "train" / "metrics.jsonl", run.dir / "train_loss.png"):
+        figures.append({"path": "train_loss.png", "caption": "training loss (BCE) per step"})
+    images = sorted((run.dir / "train" / "images").glob("*.png"))
+    if images:
+        figures.append({"path": str(images[-1].relative_to(run.dir)), "caption": "inputs vs reconstructions, last"})
+    fom = {k: v for k, v in result.items() if isinstance(v, (int, float, str))} if isinstance(result, dict) else {}
+    return {"title": "4. ConvAE pretraining (configs/demo.py)", "figures_of_merit": fom, "figures": figures}
+
+
+def stage_interop(run: Run) -> dict:
+    from cellssl_jax.interop import check_export_parity, export_checkpoint
+
+    fom = {}
+    paths = export_checkpoint(run.dir / "train", run.dir / "export" / "convae")
+    for p in paths:
+        parity = check_export_parity(run.dir / "train", p)
+        for k, v in parity.items():
+            fom[f"{Path(p).suffix} {k}"] = v
+    reference = REFERENCE_DIR / "convae_pheno_ml.torch"
+    if reference.exists():
+        from cellssl_jax.interop import check_params_parity, import_torch_checkpoint
+
+        ckpt = import_torch_checkpoint(reference, run.dir / "authors")
+        golden = check_params_parity(ckpt, REFERENCE_DIR)
+        fom.update({f"authors' weights {k}": v for k, v in golden.items()})
+    else:
+        fom["authors' weights"] = f"not checked: {reference} missing"
+    return {"title": "5. PyTorch interop", "text": "Our demo model exported to PyTorch and reloaded there; the "
+            "authors' published checkpoint imported and compared with the golden arrays computed by PyTorch.",
+            "figures_of_merit": fom}
+
+
+def stage_features(run: Run) -> dict:
+    from cellssl_jax.features import extract_from_checkpoint
+
+    fom = {}
+    for mode in FEATURE_MODES:
+        t = time.perf_counter()
+        extract_from_checkpoint(run.dir / "train", run.dir / "dataset", run.dir / f"features_{mode}.parquet",
+                                mode=mode, batch_size=128)
+        fom[f"{mode} seconds"] = round(time.perf_counter() - t, 1)
+    return {"title": "6. Features", "figures_of_merit": fom}
+
+
+def stage_temporal(run: Run, seed: int) -> dict:
+    from cellssl_jax.temporal.pipeline import run_temporal
+
+    fom, figures, tables = {}, [], []
+    for mode in FEATURE_MODES:
+        out = run.dir / f"temporal_{mode}"
+        summary = run_temporal(features=run.dir / f"features_{mode}.parquet", out_dir=out,
+                               ground_truth=run.dir / "plate" / "ground_truth.csv", seed=seed)
+        for key in ("ari", "k", "silhouette_dtw"):
+            if key in summary:
+                fom[f"{mode}: {key}"] = summary[key]
+        for key, value in (summary.get("recall") or {}).items():
+            fom[f"{mode}: recall {key}"] = value
+        for png in sorted(out.glob("*.png")):
+            figures.append({"path": str(png.relative_to(run.dir)), "caption": f"{mode} features: {png.stem}"})
+        if (out / "k_selection.csv").exists():
+            tables.append({"title": f"k selection ({mode} features)", "path": f"temporal_{mode}/k_selection.csv"})
+    return {"title": "7. Temporal drug-effect analysis", "text": "Distance of drug wells to the plate's DMSO wells over "
+            "time, clustered with DTW k-means (DBA), clusters mapped to effects, scored against the planted truth.",
+            "figures_of_merit": fom, "figures": figures, "tables": tables}
+
+
+def _set_path(cfg, dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    current = node[leaf]
+    node[leaf] = type(current)(raw) if current is not None and not isinstance(current, (tuple, list)) else raw
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--redo", nargs="*", default=[], help="stages to run again even if finished")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the training stage, e.g. total_steps=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from absl import flags
+
+    flags.FLAGS(sys.argv[:1])  # Grain worker processes read absl flags (platform notes)
+
+    run = Run(Path(args.workdir))
+    stages = [
+        ("plate", lambda: stage_plate(run, args.seed)),
+        ("dataset", lambda: stage_dataset(run)),
+        ("crops", lambda: stage_crops(run, args.seed)),
+        ("train", lambda: stage_train(run, args.train_override)),
+        ("interop", lambda: stage_interop(run)),
+        ("features", lambda: stage_features(run)),
+        ("temporal", lambda: stage_temporal(run, args.seed)),
+    ]
+    redo = set(args.redo)
+    for i, (name, fn) in enumerate(stages):
+        # A stage reruns when asked, or when an earlier stage reran (its inputs changed).
+        if run.done(name) and name not in redo:
+            log.info("stage %s: done earlier, skipped (--redo %s to rerun)", name, name)
+            continue
+        log.info("stage %d/%d: %s", i + 1, len(stages), name)
+        start = time.perf_counter()
+        record = fn()
+        record.update(name=name, seconds=round(time.perf_counter() - start, 1))
+        run.record(record)
+        redo.update(n for n, _ in stages[i + 1:])
+    from cellssl_jax.report import write_report
+
+    print(f"report: {write_report(run.dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Encoder features of every image of a built dataset, streamed to Parquet.
+
+One row per image: every ``Metadata_*`` column of the dataset's manifest (joined by ``row_id``), then feature columns
+``f0000…``. Memory is bounded by the batch: batches go through the sharded encoder and straight into a
+``pyarrow.parquet.ParquetWriter``.
+
+Feature modes (``mode``):
+- ``"latent"``: the flattened 4×32×32 latent, channel-major (C, H, W) like the authors' ``encoder(x).reshape(-1)``, so
+  features from imported authors' weights line up with theirs column for column.
+- ``"pooled"``: translation-invariant statistics: per-channel mean and standard deviation over positions of the chosen
+  encoder stages (default ``block2``, ``block3`` and ``latent``). The flattened latent depends on where cells sit in the
+  field; a drug that changes cell count or shape but not layout can drown in that positional noise, while per-channel
+  statistics keep what the cells look like and how many there are.
+The Parquet schema metadata records the mode, the feature names (e.g. ``block3/mean/c05``) and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from cellssl_jax import parallel
+from cellssl_jax.models.convae import ConvAE
+
+log = logging.getLogger(__name__)
+
+FEATURE_MODES = ("latent", "pooled")
+DEFAULT_POOLED_LAYERS = ("block2", "block3", "latent")
+
+
+def feature_function(model: ConvAE, mode: str = "latent", layers: Sequence[str] = DEFAULT_POOLED_LAYERS):
+    """``f(params, images[N,H,W,C]) -> float32 [N, F]`` for a feature mode."""
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"unknown feature mode {mode!r}; choose one of {FEATURE_MODES}")
+
+    def latent(params, images):
+        z = model.apply({"params": params}, images, method="encode").astype(jnp.float32)
+        return jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1)
+
+    def pooled(params, images):
+        stages = model.apply({"params": params}, images, method="encode_layers")
+        parts = []
+        for name in layers:
+            a = stages[name].astype(jnp.float32)
+            parts += [a.mean(axis=(1, 2)), a.std(axis=(1, 2))]
+        return jnp.concatenate(parts, axis=1)
+
+    return latent if mode == "latent" else pooled
+
+
+def feature_names(model: ConvAE, mode: str, layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
+                  image_size: int = 128) -> list[str]:
+    """Human-readable names of the feature columns, in column order."""
+    latent_hw = image_size // 4
+    if mode == "latent":
+        return [f"latent/c{c}/y{y:02d}/x{x:02d}" for c in range(model.latent_channels)
+                for y in range(latent_hw) for x in range(latent_hw)]
+    widths = {"block1": model.encoder_widths[0], "block2": model.encoder_widths[1],
+              "block3": model.encoder_widths[2], "latent": model.latent_channels}
+    return [f"{name}/{stat}/c{c:02d}" for name in layers for stat in ("mean", "std") for c in range(widths[name])]
+
+
+def column_names(n_features: int) -> list[str]:
+    width = max(4, len(str(n_features - 1)))
+    return [f"f{i:0{width}d}" for i in range(n_features)]
+
+
+def extract_features(
+    params,
+    model: ConvAE,
+    dataset_dir: str | Path,
+    out_path: str | Path,
+    *,
+    mode: str = "latent",
+    layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
+    batch_size: int = 256,
+    image_size: int = 128,
+    mesh=None,
+    progress: bool = True,
+    provenance: dict | None = None,
+) -> Path:
+    """Run the encoder over a built dataset and write one Parquet row per image.
+
+    ``batch_size`` is global: split over every process and device. Only process 0 writes; others send their rows to it.
+    """
+    from data_pipelines.input_pipeline import create_eval_dataset
+    from data_pipelines.source import load_dataset_manifest, open_source
+
+    dataset_dir = Path(dataset_dir)
+    out_path = Path(out_path)
+    mesh = mesh or parallel.make_data_mesh()
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if batch_size % jax.device_count():
+        batch_size += jax.device_count() - batch_size % jax.device_count()
+        log.info("batch size rounded up to %d to split over %d devices", batch_size, jax.device_count())
+    local_batch = batch_size // n_proc
+
+    manifest = load_dataset_manifest(dataset_dir).set_index("row_id", drop=False)
+    meta_cols = [c for c in manifest.columns if c.startswith("Metadata_")]
+    source = open_source(dataset_dir)
+    batches = create_eval_dataset(source, image_size=image_size, batch_size=local_batch,
+                                  process_index=proc, process_count=n_proc)
+
+    fn = feature_function(model, mode, layers)
+    names = feature_names(model, mode, layers, image_size)
+    params = parallel.replicate(params, mesh)
+    step = jax.jit(fn, in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.batch_sharding(mesh))
+
+    n_images = len(source)
+    writer = None
+    columns = column_names(len(names))
+    schema_meta = {
+        "cellssl_jax.features": json.dumps({"mode": mode, "layers": list(layers) if mode == "pooled" else ["latent"],
+                                            "feature_names": names, "image_size": image_size,
+                                            **(provenance or {})})
+    }
+    written = 0
+    bar = tqdm(total=n_images, desc=f"features ({mode})", unit="img", disable=not progress or proc != 0)
+    try:
+        for batch in batches:
+            images = parallel.global_batch(batch["image"], mesh)
+            feats = step(params, images)
+            if n_proc > 1:
+                from jax.experimental import multihost_utils
+
+                feats, row_id, valid = multihost_utils.process_allgather(
+                    (feats, batch["row_id"], batch["valid"]), tiled=True)
+            else:
+                row_id, valid = batch["row_id"], batch["valid"]
+            feats, row_id, valid = np.asarray(feats), np.asarray(row_id), np.asarray(valid, bool)
+            bar.update(int(valid.sum()))
+            if proc != 0 or not valid.any():
+                continue
+            if not np.isfinite(feats[valid]).all():
+                bad = row_id[valid][~np.isfinite(feats[valid]).all(axis=1)]
+                raise FloatingPointError(f"non-finite features for dataset rows {bad[:10].tolist()}")
+            meta = manifest.loc[row_id[valid], meta_cols].reset_index(drop=True)
+            table = _table(meta, feats[valid], columns, schema_meta)
+            if writer is None:
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                writer = pq.ParquetWriter(out_path, table.schema, compression="zstd")
+            writer.write_table(table)
+            written += int(valid.sum())
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if proc == 0 and written != n_images:
+        raise RuntimeError(f"wrote {written} feature rows for a dataset of {n_images} images in {dataset_dir}")
+    log.info("wrote %d rows × %d features (%s) to %s", written, len(names), mode, out_path)
+    return out_path
+
+
+def _table(meta: pd.DataFrame, feats: np.ndarray, columns: list[str], schema_meta: dict) -> pa.Table:
+    arrays = [pa.array(meta[c].to_numpy()) for c in meta.columns]
+    arrays += [pa.array(feats[:, i].astype(np.float32)) for i in range(feats.shape[1])]
+    table = pa.Table.from_arrays(arrays, names=list(meta.columns) + columns)
+    return table.replace_schema_metadata(schema_meta)
+
+
+def read_feature_metadata(path: str | Path) -> dict:
+    """The mode, layer and feature-name record written with a features file."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(b"cellssl_jax.features")
+    return json.loads(raw) if raw else {}
+
+
+def extract_from_checkpoint(checkpoint: str | Path, dataset_dir: str | Path, out_path: str | Path, **kwargs) -> Path:
+    """Load parameters and model config from any checkpoint the project writes (trained or imported) and extract."""
+    from cellssl_jax.models.convae import model_from_config
+    from cellssl_jax.training.checkpoint import load_params
+
+    params, model_cfg = load_params(checkpoint)
+    model = model_from_config(model_cfg)
+    return extract_features(params, model, dataset_dir, out_path,
+                            provenance={"checkpoint": str(checkpoint)}, **kwargs)

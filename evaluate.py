@@ -1,0 +1,117 @@
+"""Analyses and weight interop on checkpoints and feature files. Thin CLI: parse, call one library function.
+
+  python evaluate.py features     --checkpoint runs/demo/train --data runs/demo/dataset --out runs/demo/features.parquet
+  python evaluate.py temporal     --features runs/demo/features.parquet --out runs/demo/temporal \
+                                  [--ground-truth runs/demo/plate/ground_truth.csv]
+  python evaluate.py temporal     --distances distances.csv --out DIR
+  python evaluate.py import-torch --weights ../shared/reference/convae_pheno_ml.torch --workdir runs/authors
+  python evaluate.py export       --checkpoint runs/demo/train --out runs/demo/export/convae.pt   (or .safetensors)
+  python evaluate.py report       --run runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _features(a):
+    from cellssl_jax.features import extract_from_checkpoint
+
+    data = Path(a.data)
+    if not (data / "dataset.json").exists():
+        # A manifest: build it into ArrayRecord first (the features room never reads image files itself).
+        from data_pipelines.build import build_dataset
+
+        dataset_dir = Path(a.out).parent / (Path(a.out).stem + "_dataset")
+        build_dataset(data, dataset_dir)
+        data = dataset_dir
+    extract_from_checkpoint(a.checkpoint, data, a.out, mode=a.mode, batch_size=a.batch_size)
+
+
+def _temporal(a):
+    from cellssl_jax.temporal.pipeline import run_temporal
+
+    summary = run_temporal(features=a.features, distances=a.distances, out_dir=a.out, metric=a.metric, scale=a.scale,
+                           method=a.method, k=a.k, window=a.window, paper_faithful=a.paper_faithful,
+                           ground_truth=a.ground_truth, mapping=a.mapping, seed=a.seed)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _import_torch(a):
+    from cellssl_jax.interop import import_torch_checkpoint
+
+    print(import_torch_checkpoint(a.weights, a.workdir))
+
+
+def _export(a):
+    from cellssl_jax.interop import check_export_parity, export_checkpoint
+
+    for path in export_checkpoint(a.checkpoint, a.out):
+        print(path)
+        if a.check:
+            print(json.dumps(check_export_parity(a.checkpoint, path), indent=2))
+
+
+def _report(a):
+    from cellssl_jax.report import write_report
+
+    print(write_report(a.run))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("features", help="encoder features of every image → Parquet")
+    p.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoint step dir, or an imported one")
+    p.add_argument("--data", required=True, help="a built dataset dir (data_pipelines.build) or a manifest CSV/Parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", default="latent", choices=["latent", "pooled"],
+                   help="latent: flattened 4×32×32 (paper); pooled: per-channel mean/std of encoder stages")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(fn=_features)
+
+    p = sub.add_parser("temporal", help="distance-to-control curves, DTW clustering, effect classes")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features")
+    src.add_argument("--distances", help="CSV with cell_line, drug, concentration_uM, time_h, distance (+ plate)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine", "correlation", "braycurtis"])
+    p.add_argument("--scale", default=None, help="curve scaling; 'cell_drug' is the paper's (see docs)")
+    p.add_argument("--method", default="kmeans", choices=["kmeans", "kmedoids", "average"])
+    p.add_argument("--k", type=int, default=None, help="number of clusters (default: chosen by DTW silhouette)")
+    p.add_argument("--window", type=int, default=None, help="Sakoe–Chiba radius (default: unconstrained, as the paper)")
+    p.add_argument("--paper-faithful", action="store_true", help="floor control-time matching, as the original")
+    p.add_argument("--ground-truth", help="ground_truth.csv of a synthetic plate, to score the recovered effects")
+    p.add_argument("--mapping", help="JSON/CSV cluster → effect overrides")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_temporal)
+
+    p = sub.add_parser("import-torch", help="the authors' PyTorch ConvAE weights → an Orbax checkpoint")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(fn=_import_torch)
+
+    p = sub.add_parser("export", help="a checkpoint → PyTorch .pt state_dict and/or .safetensors (+ JSON config)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="FILE.pt, FILE.safetensors, or a stem for both")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the PyTorch parity check")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("report", help="one HTML report from a run folder")
+    p.add_argument("--run", required=True)
+    p.set_defaults(fn=_report)
+
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from cellssl_jax import platform  # noqa: F401  (XLA flags before the backend starts)
+
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
