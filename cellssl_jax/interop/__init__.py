@@ -29,6 +29,7 @@ _EXPORTS = {
     "export_checkpoint": "checkpoints",
     "check_export_parity": "checkpoints",
     "check_params_parity": "parity",
+    "check_golden_parity": "parity",
 }
 
 __all__ = sorted(_EXPORTS)

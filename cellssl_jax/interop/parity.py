@@ -66,3 +66,27 @@ def check_params_parity(params, model_config: Mapping, exported_path: str | Path
         "float32_rounding_reconstruction": float(np.abs(t_recon - f64_recon).max()),
         "torch_version": torch.__version__,
     }
+
+
+def check_golden_parity(checkpoint_path: str | Path, reference_dir: str | Path) -> dict:
+    """Max abs differences between a checkpoint's model and the authors' PyTorch outputs on the HCT-15 example.
+
+    ``reference_dir`` holds ``hct15_input_128.npy`` (1×1×128×128), ``hct15_features.npy`` (1×4×32×32) and
+    ``hct15_reconstruction.npy``, computed with the original PyTorch model; meaningful for the authors' weights.
+    """
+    import jax
+
+    from cellssl_jax.models.convae import model_from_config
+    from cellssl_jax.training.checkpoint import load_params
+
+    reference_dir = Path(reference_dir)
+    params, model_config = load_params(checkpoint_path)
+    x = np.load(reference_dir / "hct15_input_128.npy")
+    golden_z = np.load(reference_dir / "hct15_features.npy")
+    golden_y = np.load(reference_dir / "hct15_reconstruction.npy")
+    model = model_from_config({**dict(model_config), "dtype": "float32"})
+    z, y = jax.jit(partial(model.apply, method=encode_and_decode))({"params": params}, x.transpose(0, 2, 3, 1))
+    return {
+        "features_max_abs_diff": float(np.abs(np.asarray(z).transpose(0, 3, 1, 2) - golden_z).max()),
+        "reconstruction_max_abs_diff": float(np.abs(np.asarray(y).transpose(0, 3, 1, 2) - golden_y).max()),
+    }

@@ -1,0 +1,224 @@
+"""Throughput of the training input pipeline: PNG decode + the paper's 5-crop multi-crop + augmentation.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--dataset DIR] [--images 128] [--batch 64] [--batches 6]
+                                                  [--repeats 5] [--workers 1 2]
+
+Source: a dataset built by ``python -m data_pipelines.build`` when ``--dataset`` is given; otherwise 256×256 grayscale
+images PNG-encoded in memory (at the build's default zlib level) and decoded per access, like the built source.
+The images are shifted/flipped copies of ../shared/reference/HCT15_example.jpg (a real phase-contrast frame) when it
+exists, so PNG decoding costs what it costs on real data; smooth random texture otherwise.
+
+Stages, each timed ``--repeats`` times in turn (interleaved, so machine load hits them alike) and reported as the median
+images/s of one process (= one core) and images per CPU-second of that process:
+  decode              source[i] only (PNG → uint8)
+  crops (PIL recipe)  the authors' per-crop recipe with PIL crop+resize, x/255, flip view, numpy 3×3 blur: the reference
+  crops (ours)        data_pipelines.augment.multi_crop on decoded images (Numba Pillow-exact resize)
+  decode + crops      what one pipeline element costs
+  grain, 0 workers    create_train_dataset(...) in-process, batches of --batch (includes batching copies)
+  grain, T threads    the same with T reader threads in the process (the kernels and PNG decoding release the GIL)
+  grain, N workers    the same with N worker processes; startup (first batch) excluded; images/s per worker too
+Writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_pipelines import augment as A  # noqa: E402
+from data_pipelines import input_pipeline as ip  # noqa: E402
+
+REFERENCE_IMAGE = REPO / ".." / "shared" / "reference" / "HCT15_example.jpg"
+try:  # encode like the dataset build does
+    from data_pipelines.build import BuildOptions
+
+    PNG_LEVEL = BuildOptions().png_compress_level
+except ImportError:
+    PNG_LEVEL = 0
+
+
+class InMemoryPngSource:
+    """Random-access source of PNG bytes decoded per access, the shape of data_pipelines.source.open_source.
+
+    ``length`` rows cycle over ``n`` distinct encoded images: the pipeline's shuffle then works over a realistic
+    index range (Grain's index_shuffle costs ~60 µs per element over 256 indices but ~5 µs over 10^4 or more).
+    """
+
+    def __init__(self, n: int, size: int = 256, seed: int = 0, length: int | None = None):
+        self.length = n if length is None else length
+        rng = np.random.default_rng(seed)
+        if REFERENCE_IMAGE.exists():
+            base = np.asarray(Image.open(REFERENCE_IMAGE).convert("L").resize((size, size), Image.BILINEAR))
+        else:
+            noise = rng.random((size // 8, size // 8))
+            base = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC))
+        self.encoded = []
+        for _ in range(n):
+            image = np.roll(base, tuple(rng.integers(0, size, 2)), axis=(0, 1))
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=PNG_LEVEL)
+            self.encoded.append(buffer.getvalue())
+        self.texture = "HCT15_example.jpg" if REFERENCE_IMAGE.exists() else "synthetic texture"
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        image = np.asarray(Image.open(io.BytesIO(self.encoded[index % len(self.encoded)])))
+        return {"image": image[:, :, None], "row_id": np.int64(index)}
+
+
+def pil_recipe_multi_crop(image: np.ndarray, rng: np.random.Generator, specs, params: A.AugmentParams):
+    """Reference: the per-crop recipe done the straightforward way (PIL crop + resize per crop, numpy blur)."""
+    plane = Image.fromarray(image[:, :, 0])
+    crops = []
+    for spec in specs:
+        box = A.sample_crop_box(image.shape[0], image.shape[1], rng, (spec.min_scale, spec.max_scale))
+        resized = plane.crop((box.left, box.top, box.left + box.width, box.top + box.height)).resize(
+            (spec.size, spec.size), Image.BILINEAR)
+        crop = np.divide(np.asarray(resized), np.float32(255), dtype=np.float32)
+        u = rng.random(7)
+        if u[0] < params.hflip_p:
+            crop = crop[:, ::-1]
+        if u[1] <= params.blur_p:
+            k = A.gaussian_kernel3(params.blur_sigma[0] + (params.blur_sigma[1] - params.blur_sigma[0]) * u[2])
+            padded = np.pad(crop, 1, mode="reflect")
+            crop = sum(k[i] * k[j] * padded[i:i + spec.size, j:j + spec.size] for i in range(3) for j in range(3))
+        crops.append(crop)
+    return crops
+
+
+def timed(fn, count: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) for fn() processing `count` images."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return count / wall, count / max(cpu, 1e-9)
+
+
+def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[float, float]]]:
+    """``source``: the --images rows timed stage by stage; ``pipeline_source``: the full-length source Grain reads."""
+    cfg = ip.default_input_config()
+    specs, params = ip.crop_specs(cfg), ip.augment_params(cfg)
+    n = len(source)
+    decoded = [source[i]["image"] for i in range(n)]
+    rng = np.random.default_rng(0)
+    grain_cfg = ip.default_input_config()
+    grain_cfg.batch_size = args.batch
+    batches = max(1, n // args.batch)
+
+    def grain_run():
+        it = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1))
+        for _ in range(batches):
+            next(it)
+
+    stages = {
+        "decode": lambda: [source[i] for i in range(n)],
+        "crops (PIL recipe)": lambda: [pil_recipe_multi_crop(x, rng, specs, params) for x in decoded],
+        "crops (ours)": lambda: [A.multi_crop(x, rng, specs, params) for x in decoded],
+        "decode + crops": lambda: [A.multi_crop(source[i]["image"], rng, specs, params) for i in range(n)],
+        f"grain, 0 workers, batch {args.batch}": grain_run,
+    }
+    counts = {name: n for name in stages}
+    counts[f"grain, 0 workers, batch {args.batch}"] = batches * args.batch
+    for fn in stages.values():  # warm-up: Numba loads its cache, PIL and Grain initialise
+        fn()
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in stages}
+    for _ in range(args.repeats):
+        for name, fn in stages.items():
+            results[name].append(timed(fn, counts[name]))
+    return results
+
+
+def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[float]:
+    """Images/s of the pipeline with `workers` processes or `threads` reader threads, after the first batch (process
+    start-up excluded)."""
+    cfg = ip.default_input_config()
+    cfg.batch_size = args.batch
+    cfg.worker_count = workers
+    cfg.read_threads = threads
+    cfg.prefetch_buffer_size = max(2, threads)
+    it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
+    next(it)
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(it)
+        rates.append(args.batches * args.batch / (time.perf_counter() - start))
+    it.close()
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", help="a dataset built by data_pipelines.build (default: in-memory PNGs)")
+    parser.add_argument("--images", type=int, default=128, help="images per in-process timing run")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=6, help="batches per timing run with workers")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="*", default=[2], help="in-process reader threads to try")
+    args = parser.parse_args()
+
+    if args.dataset:
+        from data_pipelines.source import open_source
+
+        full = open_source(args.dataset)
+        source, label = full, f"built dataset {args.dataset} ({len(full)} images, {full.image_shape})"
+
+        class Head:  # the first --images rows, for the in-process stages
+            def __len__(self):
+                return min(args.images, len(full))
+
+            def __getitem__(self, i):
+                return full[i]
+
+        head = Head()
+    else:
+        head = InMemoryPngSource(args.images)
+        source = InMemoryPngSource(args.images, length=100_000)
+        label = (f"{args.images} distinct in-memory PNGs (a 100,000-row source cycles over them), 256x256x1, "
+                 f"zlib level {PNG_LEVEL}, from {source.texture}")
+
+    print(f"source: {label}; multi-crop 5 x 128 px (1 x scale 1, 1 x 0.5-0.75, 3 x 0.5), hflip 0.5, blur 0.2")
+    print(f"medians of {args.repeats} interleaved runs; one process = one core\n")
+    results = bench_in_process(head, source, args)
+    header = f"{'stage':34s} {'img/s (wall)':>13s} {'img/CPU-s':>10s} {'us/img (CPU)':>13s}"
+    print(header)
+    print("-" * len(header))
+    for name, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        print(f"{name:34s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}")
+    ours = statistics.median(r[1] for r in results["crops (ours)"])
+    ref = statistics.median(r[1] for r in results["crops (PIL recipe)"])
+    print(f"\ncrops+augment, ours vs PIL recipe (CPU time, same process): {ours / ref:.2f}x")
+
+    print()
+    for threads in args.threads:
+        rates = bench_parallel(source, args, threads=threads)
+        print(f"grain, 0 workers, {threads} read threads, batch {args.batch}: {statistics.median(rates):,.0f} img/s "
+              f"(wall, runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+    for workers in args.workers:
+        rates = bench_parallel(source, args, workers=workers)
+        total = statistics.median(rates)
+        print(f"grain, {workers} worker(s), batch {args.batch}: {total:,.0f} img/s total, "
+              f"{total / workers:,.0f} img/s per worker (wall, runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

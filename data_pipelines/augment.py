@@ -1,0 +1,481 @@
+"""Crops and augmentations of the SwAV-style multi-crop, as pure functions of (image, rng).
+
+What the authors ran (pheno-ml `src/datasets.py:MultiCropDataset`, see docs/original_method.md §2), per crop:
+``RandomResizedCrop(size, scale=(min, max))`` (ratio (3/4, 4/3), PIL bilinear on the uint8 image) → ``ToTensor`` (x/255)
+→ ``RandomHorizontalFlip(0.5)`` → ``RandomApply(GaussianBlur(3, sigma=(0.1, 2.0)), p=0.2)``.
+
+Here every crop is reproduced with the same arithmetic:
+- the crop box follows torchvision's ``RandomResizedCrop.get_params`` (10 tries, then the central fallback, so scale 1
+  on a square image is the whole image);
+- the resize is a Numba port of Pillow's 8-bit antialiased bilinear resampler (same coefficients, same 22-bit fixed
+  point, horizontal pass then vertical), bit-identical to ``Image.crop(box).resize(size, BILINEAR)`` of Pillow ≤ 12
+  (what the authors ran) and several times faster than Pillow here (see benchmarks/input_pipeline.py): it works on a
+  transposed copy of the image, made once and shared by all crops, so both passes run over contiguous memory;
+- uint8 → float32 is ``x / 255`` in float32 (as ``ToTensor``), folded into the resize's last store, as is the flip;
+- the blur is torchvision's 3×3 Gaussian with reflect padding, done separably (equal to ~1e-7).
+
+Everything acts on ``[H, W, C]`` arrays and treats all channels alike. Randomness comes only from the ``rng`` argument,
+drawn in a fixed number of values per call, so switching an optional augmentation on does not shift the draws of the
+others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+from PIL import Image
+
+# Pillow's Resample.c: 8-bit coefficients are fixed point with 32 - 8 - 2 fractional bits.
+_PRECISION_BITS = 22
+_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its central fallback.
+_UNIT = np.float32(255.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+    """A crop in pixel coordinates of the source image: rows [top, top+height), columns [left, left+width)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+    """One crop of the multi-crop: output side length and the range of its area as a fraction of the image."""
+
+    size: int
+    min_scale: float
+    max_scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """Per-crop augmentation settings. The defaults are the paper's (hflip 0.5, blur 0.2 with sigma in [0.1, 2])."""
+
+    hflip_p: float = 0.5
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    vflip_p: float = 0.0
+    rot90: bool = False
+    brightness: float = 0.0  # factor drawn from [1 - b, 1 + b] (clipped at 0), like torchvision ColorJitter
+    contrast: float = 0.0  # same, blending with the crop's mean intensity
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Crop box sampling
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> CropBox:
+    """torchvision ``RandomResizedCrop.get_params``: area fraction uniform in ``scale``, log aspect (w/h) uniform in
+    ``ratio``, position uniform; after 10 rejected tries, the largest central box whose aspect fits ``ratio``.
+
+    Draws exactly 40 uniforms whatever happens, so the draws of later calls do not depend on how many tries were needed.
+    """
+    draws = rng.random(4 * _ATTEMPTS).tolist()  # python floats: the loop below is cheaper in python than in numpy
+    if scale[0] >= 1.0 and height == width and ratio[0] <= 1.0 <= ratio[1]:
+        # Whole area of a square image: a try can only succeed with h = w = side, as the fallback gives.
+        return CropBox(0, 0, height, width)
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(_ATTEMPTS):
+        u_area, u_ratio, u_top, u_left = draws[4 * attempt : 4 * attempt + 4]
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = round(math.sqrt(target_area * aspect))  # python round = half to even, as torchvision's int(round(.))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(u_top * (height - h + 1))
+            left = int(u_left * (width - w + 1))
+            return CropBox(top, left, h, w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return CropBox((height - h) // 2, (width - w) // 2, h, w)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pillow-exact bilinear resize of uint8 images (Numba)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear_coefficients(in_size: int, out_size: int):
+    """Pillow ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bilinear filter (support 1, antialiased)."""
+    scale = in_size / out_size
+    filterscale = scale if scale > 1.0 else 1.0
+    support = filterscale  # bilinear support 1.0 times the filter scale
+    ksize = int(math.ceil(support)) * 2 + 1
+    starts = np.empty(out_size, np.int64)
+    counts = np.empty(out_size, np.int64)
+    weights = np.zeros((out_size, ksize), np.int32)
+    raw = np.empty(ksize, np.float64)
+    inv = 1.0 / filterscale
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = int(center - support + 0.5)
+        if xmin < 0:
+            xmin = 0
+        xmax = int(center + support + 0.5)
+        if xmax > in_size:
+            xmax = in_size
+        xmax -= xmin
+        total = 0.0
+        for x in range(xmax):
+            t = abs((x + xmin - center + 0.5) * inv)
+            w = 1.0 - t if t < 1.0 else 0.0
+            raw[x] = w
+            total += w
+        for x in range(xmax):
+            w = raw[x] / total if total != 0.0 else raw[x]
+            if w < 0:
+                weights[xx, x] = int(-0.5 + w * (1 << 22))
+            else:
+                weights[xx, x] = int(0.5 + w * (1 << 22))
+        starts[xx] = xmin
+        counts[xx] = xmax
+    return starts, counts, weights
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_plane_t(plane_t, top, left, height, width, out, channel, lut, hflip):
+    """Resize ``plane[top:top+height, left:left+width]`` into ``out[:, :, channel]`` as ``lut[pixel]``, mirrored left to
+    right if ``hflip`` (flipping while storing spares a strided copy later).
+
+    ``plane_t`` is the channel plane TRANSPOSED ([W, H], contiguous): Pillow's horizontal pass then reads contiguous
+    runs and vectorises (the transpose is made once per image and shared by all its crops). Same coefficients, rounding
+    and order as Pillow ≤ 12's 8-bit resampler: horizontal pass into uint8, then vertical pass. ``lut`` maps the uint8
+    result to ``out``'s dtype (identity for uint8, x/255 for float32), so the float conversion costs no extra pass.
+    """
+    out_h, out_w = out.shape[0], out.shape[1]
+    x_starts, x_counts, x_weights = _bilinear_coefficients(width, out_w)
+    y_starts, y_counts, y_weights = _bilinear_coefficients(height, out_h)
+    half = np.int32(1 << 21)
+    # Rows of the box the vertical pass reads (Pillow's ybox_first/ybox_last).
+    y_first = y_starts[0]
+    n_rows = y_starts[out_h - 1] + y_counts[out_h - 1] - y_first
+    row0 = top + y_first
+    # Horizontal pass, computed column by column of the output on the transposed plane: tmp_t[xx, y].
+    tmp_t = np.empty((out_w, n_rows), np.uint8)
+    acc = np.empty(n_rows, np.int32)
+    for xx in range(out_w):
+        acc[:] = half
+        for k in range(x_counts[xx]):
+            weight = x_weights[xx, k]
+            src = plane_t[left + x_starts[xx] + k, row0 : row0 + n_rows]
+            for i in range(n_rows):
+                acc[i] += np.int32(src[i]) * weight
+        for i in range(n_rows):
+            tmp_t[xx, i] = np.uint8(min(max(acc[i] >> _PRECISION_BITS, 0), 255))
+    tmp = np.empty((n_rows, out_w), np.uint8)
+    for i in range(n_rows):
+        for xx in range(out_w):
+            tmp[i, xx] = tmp_t[xx, i]
+    # Vertical pass over contiguous rows.
+    acc_row = np.empty(out_w, np.int32)
+    for yy in range(out_h):
+        acc_row[:] = half
+        y0 = y_starts[yy] - y_first
+        for k in range(y_counts[yy]):
+            weight = y_weights[yy, k]
+            src = tmp[y0 + k]
+            for i in range(out_w):
+                acc_row[i] += np.int32(src[i]) * weight
+        if hflip:
+            for i in range(out_w):
+                out[yy, out_w - 1 - i, channel] = lut[min(max(acc_row[i] >> _PRECISION_BITS, 0), 255)]
+        else:
+            for i in range(out_w):
+                out[yy, i, channel] = lut[min(max(acc_row[i] >> _PRECISION_BITS, 0), 255)]
+
+
+_IDENTITY_LUT = np.arange(256, dtype=np.uint8)
+# x/255 in float32 for every uint8 value: equal to ``np.divide(x, float32(255))`` element for element (ToTensor's).
+_UNIT_LUT = np.divide(np.arange(256, dtype=np.uint8), np.float32(255.0), dtype=np.float32)
+
+
+def transposed_planes(image: np.ndarray) -> list[np.ndarray]:
+    """One contiguous transposed [W, H] plane per channel, the input layout of the resize kernel."""
+    _check_hwc_uint8(image)
+    return [np.ascontiguousarray(image[:, :, c].T) for c in range(image.shape[2])]
+
+
+def resized_crop(
+    image: np.ndarray,
+    box: CropBox,
+    size: int,
+    *,
+    planes_t: list[np.ndarray] | None = None,
+    as_float: bool = False,
+    hflip: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``image[box]`` resized to ``size × size`` with Pillow's antialiased bilinear filter, uint8 [H, W, C] in.
+
+    Bit-identical to ``Image.fromarray(channel).crop(box).resize((size, size), Image.BILINEAR)`` per channel under
+    Pillow ≤ 12 (what the authors' torchvision ``RandomResizedCrop`` ran). Pillow 13 runs the vertical pass first when
+    the height shrinks and the width does not much; its result then differs by 1 grey level in some pixels.
+    ``as_float=True`` returns float32 x/255 (``ToTensor``) instead of uint8. Pass ``planes_t`` (from
+    ``transposed_planes``) to share one transpose among several crops of the same image. ``hflip=True`` returns the
+    crop mirrored left to right (``[:, ::-1]``), contiguous. ``out``: an array (or view) of shape [size, size, C] and
+    dtype float32 (``as_float``) or uint8 to write into, e.g. one row of a batch; it is returned.
+    """
+    _check_hwc_uint8(image)
+    if not (0 <= box.top and box.top + box.height <= image.shape[0] and 0 <= box.left
+            and box.left + box.width <= image.shape[1] and box.height > 0 and box.width > 0):
+        raise ValueError(f"crop box {box} lies outside the {image.shape[0]}x{image.shape[1]} image")
+    planes_t = transposed_planes(image) if planes_t is None else planes_t
+    channels = image.shape[2]
+    dtype = np.float32 if as_float else np.uint8
+    if out is None:
+        out = np.empty((size, size, channels), dtype)
+    elif out.shape != (size, size, channels) or out.dtype != dtype:  # the kernel does not bounds-check
+        raise ValueError(f"out must be {dtype.__name__} {(size, size, channels)}, got {out.dtype} {out.shape}")
+    if len(planes_t) != channels or planes_t[0].shape != (image.shape[1], image.shape[0]):
+        raise ValueError("planes_t must be transposed_planes(image)")
+    lut = _UNIT_LUT if as_float else _IDENTITY_LUT
+    for c in range(channels):
+        _resize_plane_t(planes_t[c], box.top, box.left, box.height, box.width, out, c, lut, hflip)
+    return out
+
+
+def _check_hwc_uint8(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} with shape {image.shape}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Float conversion, blur and the augmentation chain
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """uint8 → float32 in [0, 1] as ``ToTensor``/``x/255.`` do: a float32 division (not a multiply by 1/255)."""
+    return np.divide(image, _UNIT, dtype=np.float32)
+
+
+def gaussian_kernel3(sigma: float) -> np.ndarray:
+    """torchvision's 1-D Gaussian for kernel size 3: exp(-x²/2σ²) at x = -1, 0, 1, normalised; float32 (computed in
+    float64 with python math, which is ~20× cheaper than numpy on 3 values; within 1 ulp of torchvision's float32)."""
+    side = math.exp(-0.5 / (sigma * sigma))
+    total = 1.0 + 2.0 * side
+    return np.array([side / total, 1.0 / total, side / total], np.float32)
+
+
+def gaussian_blur3(image: np.ndarray, sigma: float, out: np.ndarray | None = None) -> np.ndarray:
+    """3×3 Gaussian blur of a float32 [H, W, C] image with reflect padding (torchvision ``GaussianBlur(3)``), done as
+    two 1-D passes: separable, so equal to torchvision's 2-D convolution up to float32 rounding (~1e-7). ``out``: a
+    C-contiguous float32 array of the same shape, not overlapping ``image``, to write into; it is returned."""
+    if image.ndim != 3 or image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"gaussian_blur3 needs an [H>=2, W>=2, C] image, got shape {image.shape}")
+    edge, middle = gaussian_kernel3(sigma)[:2]
+    height, width, channels = image.shape
+    flat = np.ascontiguousarray(image, dtype=np.float32).reshape(height, width * channels)
+    if out is None:
+        out = np.empty(image.shape, np.float32)
+    elif out.shape != image.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {image.shape}, got {out.dtype} {out.shape}")
+    _blur3_rows(flat, out.reshape(height, width * channels), np.float32(edge), np.float32(middle), channels)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _blur3_rows(src, out, edge, middle, channels):
+    """Separable 3-tap blur of [H, W*C] rows; horizontal neighbours are ``channels`` apart. Reflect padding: the
+    neighbour of column 0 is column 1, of the last column the one before it (same for rows)."""
+    height, row_len = src.shape
+    tmp = np.empty_like(src)
+    last = row_len - channels
+    for y in range(height):
+        row = src[y]
+        h = tmp[y]
+        for i in range(channels, last):
+            h[i] = middle * row[i] + edge * (row[i - channels] + row[i + channels])
+        for c in range(channels):
+            h[c] = middle * row[c] + edge * (row[c + channels] + row[c + channels])
+            h[last + c] = middle * row[last + c] + edge * (row[last + c - channels] + row[last + c - channels])
+    for y in range(height):
+        above = tmp[y - 1] if y > 0 else tmp[1]
+        below = tmp[y + 1] if y < height - 1 else tmp[height - 2]
+        centre = tmp[y]
+        o = out[y]
+        for i in range(row_len):
+            o[i] = middle * centre[i] + edge * (above[i] + below[i])
+
+
+_AUGMENT_DRAWS = 7  # hflip, blur?, sigma, vflip, rot90 k, brightness, contrast
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentDraw:
+    """The random decisions of one ``augment`` call (None / False / 0: not applied)."""
+
+    hflip: bool
+    vflip: bool
+    rot90_k: int
+    brightness: float | None  # multiplicative factor
+    contrast: float | None  # blend factor around the crop's mean
+    blur_sigma: float | None
+
+
+def draw_augment(rng: np.random.Generator, params: AugmentParams) -> AugmentDraw:
+    """Draws the 7 uniforms of one crop's augmentation and turns them into decisions."""
+    u_hflip, u_blur, u_sigma, u_vflip, u_rot, u_bright, u_contrast = rng.random(_AUGMENT_DRAWS).tolist()
+    lo, hi = params.blur_sigma
+    return AugmentDraw(
+        hflip=u_hflip < params.hflip_p,  # torchvision RandomHorizontalFlip: flip if rand < p
+        vflip=u_vflip < params.vflip_p,
+        rot90_k=int(u_rot * 4) if params.rot90 else 0,
+        brightness=max(0.0, 1.0 + params.brightness * (2.0 * u_bright - 1.0)) if params.brightness > 0 else None,
+        contrast=max(0.0, 1.0 + params.contrast * (2.0 * u_contrast - 1.0)) if params.contrast > 0 else None,
+        blur_sigma=lo + (hi - lo) * u_sigma if u_blur <= params.blur_p else None,  # RandomApply: unless p < rand
+    )
+
+
+def apply_augment(crop: np.ndarray, draw: AugmentDraw, *, hflip_done: bool = False) -> np.ndarray:
+    """Applies drawn decisions in the chain's order: flips, rot90, brightness, contrast, blur. Values stay in [0, 1]
+    (flips and blur are convex, jitter clips). May return a view of ``crop``."""
+    out = crop
+    if draw.hflip and not hflip_done:
+        out = out[:, ::-1]
+    if draw.vflip:
+        out = out[::-1]
+    if draw.rot90_k:
+        out = np.rot90(out, k=draw.rot90_k, axes=(0, 1))
+    if draw.brightness is not None:
+        out = np.clip(out * np.float32(draw.brightness), 0.0, 1.0)
+    if draw.contrast is not None:
+        mean = np.float32(out.mean())
+        out = np.clip(mean + np.float32(draw.contrast) * (out - mean), 0.0, 1.0)
+    if draw.blur_sigma is not None:
+        out = gaussian_blur3(out, draw.blur_sigma)
+    return out
+
+
+def augment(crop: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
+    """Random flips/rotations, optional brightness/contrast jitter, then the random blur, on a float32 [S, S, C] crop.
+
+    The paper's chain is hflip(0.5) then blur(0.2); the optional ones are off by default. Each call draws 7 uniforms.
+    The result may be a (flipped) view of ``crop``.
+    """
+    return apply_augment(crop, draw_augment(rng, params))
+
+
+def expand_crop_specs(
+    size_crops: Sequence[int],
+    nmb_crops: Sequence[int],
+    min_scale_crops: Sequence[float],
+    max_scale_crops: Sequence[float],
+) -> tuple[CropSpec, ...]:
+    """SwAV's per-group lists → one ``CropSpec`` per output crop, in the spec's order (group 0 first)."""
+    lengths = {len(size_crops), len(nmb_crops), len(min_scale_crops), len(max_scale_crops)}
+    if len(lengths) != 1:
+        raise ValueError(
+            "size_crops, nmb_crops, min_scale_crops and max_scale_crops must have the same length, got "
+            f"{list(size_crops)}, {list(nmb_crops)}, {list(min_scale_crops)}, {list(max_scale_crops)}"
+        )
+    specs = []
+    for size, count, lo, hi in zip(size_crops, nmb_crops, min_scale_crops, max_scale_crops):
+        if not (int(size) > 0 and int(count) >= 0 and 0 < lo <= hi <= 1):
+            raise ValueError(
+                f"bad crop group: size={size}, count={count}, scale=({lo}, {hi}); need 0 < min <= max <= 1"
+            )
+        specs += [CropSpec(int(size), float(lo), float(hi))] * int(count)
+    if not specs:
+        raise ValueError("the multi-crop has no crops (nmb_crops sums to 0)")
+    return tuple(specs)
+
+
+def multi_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    specs: Sequence[CropSpec],
+    params: AugmentParams | None,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    boxes: list[CropBox] | None = None,
+    out: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, ...]:
+    """All crops of one uint8 [H, W, C] image as float32 [S_k, S_k, C] in [0, 1], in ``specs`` order.
+
+    Same draws and results as ``augment(resized_crop(image, sample_crop_box(...), ...), rng, params)`` crop after crop;
+    the flip and the float conversion are folded into the resize. ``params=None`` turns augmentation off. ``out``: one
+    C-contiguous float32 [S_k, S_k, C] array per crop (e.g. row j of each batch array) to write into, which spares the
+    batching copy. If ``boxes`` is a list, the sampled crop boxes are appended to it (a debug hook).
+    """
+    _check_hwc_uint8(image)
+    height, width, channels = image.shape
+    if out is not None:
+        if len(out) != len(specs):
+            raise ValueError(f"out has {len(out)} arrays for {len(specs)} crops")
+        for spec, target in zip(specs, out):  # checked once here: the kernel does not bounds-check
+            if (target.shape != (spec.size, spec.size, channels) or target.dtype != np.float32
+                    or not target.flags.c_contiguous):
+                raise ValueError(f"out arrays must be C-contiguous float32 {(spec.size, spec.size, channels)}, "
+                                 f"got {target.dtype} {target.shape}")
+    planes_t = transposed_planes(image)  # one transpose shared by all crops of this image
+    crops = []
+    for k, spec in enumerate(specs):
+        box = sample_crop_box(height, width, rng, (spec.min_scale, spec.max_scale), ratio)
+        if boxes is not None:
+            boxes.append(box)
+        draw = None if params is None else draw_augment(rng, params)
+        hflip = draw is not None and draw.hflip
+        simple = draw is None or not (draw.vflip or draw.rot90_k or draw.brightness is not None
+                                      or draw.contrast is not None or draw.blur_sigma is not None)
+        target = out[k] if out is not None and simple else np.empty((spec.size, spec.size, channels), np.float32)
+        for c in range(channels):
+            _resize_plane_t(planes_t[c], box.top, box.left, box.height, box.width, target, c, _UNIT_LUT, hflip)
+        if simple:
+            crops.append(target)
+        elif out is not None and draw.blur_sigma is not None:
+            # Blur last, straight into the output row.
+            rest = dataclasses.replace(draw, blur_sigma=None)
+            crops.append(gaussian_blur3(apply_augment(target, rest, hflip_done=True), draw.blur_sigma, out=out[k]))
+        else:
+            result = apply_augment(target, draw, hflip_done=True)
+            if out is not None:
+                out[k][...] = result
+                result = out[k]
+            crops.append(result)
+    return tuple(crops)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inference preprocessing
+
+
+def resize_float(image: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear resize of a float32 [H, W, C] image to ``size × size``, per channel in Pillow mode 'F'.
+
+    This matches the authors' inference preprocessing (``Resize(128)(x / 255.)`` on a tensor) to ~1e-7.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"expected an [H, W, C] image, got shape {image.shape}")
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+            (size, size), Image.BILINEAR))
+        for c in range(image.shape[2])
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def eval_preprocess(image: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 [H, W, C] → float32 x/255, then (if ``size`` is set and differs) the float antialiased bilinear resize."""
+    _check_hwc_uint8(image)
+    out = to_unit_float(image)
+    if size is not None and (image.shape[0], image.shape[1]) != (size, size):
+        out = resize_float(out, size)
+    return out

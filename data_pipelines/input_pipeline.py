@@ -1,0 +1,394 @@
+"""Grain input pipelines: the seeded multi-crop training stream and the ordered, padded evaluation stream.
+
+Both take ANY random-access source: ``len(source)`` and ``source[i] -> {'image': uint8 [H, W, C], 'row_id': int}``
+(``data_pipelines.source.open_source`` over TFDS ArrayRecord, or an in-memory list).
+
+Training (``create_train_dataset``)::
+
+    range(N) → seed(seed).shuffle() → repeat(num_epochs) → map_with_index((position, index))
+             → [process_index::process_count] → batch(B_local, drop_remainder)
+             → map(read the batch; multi-crop + augment each image into the batch arrays)
+             → to_iter_dataset → mp_prefetch
+
+- The shuffle is GLOBAL (same permutation in every process) and each process takes every ``process_count``-th element
+  of the shuffled stream. The union of the processes' k-th local batches is therefore global positions
+  [k·B, (k+1)·B) of one stream that does not depend on the process count, every epoch is covered without overlap, and
+  no element is ever dropped for good (only the stream's tail when ``num_epochs`` is finite).
+- The crops of an element come from a Philox generator keyed by (seed, epoch, source index), not by the element's
+  position, the worker that computes it, or the process: the same element gets the same crops whatever the worker
+  count, thread count or process count (``element_rng``).
+- Batching happens in the ``MapDataset`` and the image work runs per batch: each Grain worker (or reader thread)
+  computes whole batches, so the batches are the same with 0, 1 or N workers, the iterator state restores at the
+  exact batch, and the crops are written straight into the batch arrays.
+
+Evaluation (``create_eval_dataset``): the source in order, x/255 then the authors' float antialiased bilinear resize,
+strided over processes like training (global batch k = source rows [k·B, (k+1)·B)), the tail padded so every process
+yields the same number of full batches; ``valid`` marks the real rows (pads have ``row_id`` -1 and zero images).
+
+Iterator state: ``it = iter(ds)``; ``it.get_state()`` is a JSON-able dict and ``it.set_state(state)`` continues at the
+next batch, with or without workers. For Orbax, grain 0.2.18 ships ``grain.checkpoint.CheckpointHandler`` with the
+``grain.checkpoint.CheckpointSave(item=it)`` / ``CheckpointRestore(item=it)`` args (one JSON file per process).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grain
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from data_pipelines import augment
+
+_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect range, which the authors kept
+
+
+class RandomAccessSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+    """The paper's final multi-crop (1 whole image + 1 crop of 50–75% + 3 of 50% of the area, all 128 px) with its
+    augmentations (hflip 0.5, 3×3 Gaussian blur p=0.2, σ∈[0.1, 2]), batch 64, shuffled, repeated forever."""
+    cfg = ml_collections.ConfigDict()
+    cfg.batch_size = 64  # GLOBAL; each process gets batch_size // process_count
+    cfg.size_crops = (128, 128, 128)
+    cfg.nmb_crops = (1, 1, 3)
+    cfg.min_scale_crops = (1.0, 0.5, 0.5)
+    cfg.max_scale_crops = (1.0, 0.75, 0.5)
+    cfg.augment = True
+    cfg.hflip_p = 0.5
+    cfg.blur_p = 0.2
+    cfg.blur_sigma = (0.1, 2.0)
+    cfg.vflip_p = 0.0
+    cfg.rot90 = False
+    cfg.brightness = 0.0
+    cfg.contrast = 0.0
+    cfg.shuffle = True
+    cfg.num_epochs = config_dict.placeholder(int)  # None: repeat forever
+    # Parallelism. Defaults suit a 2-core machine (platform_notes "Grain"): no worker processes, no reader threads.
+    cfg.worker_count = 0  # grain worker processes (mp_prefetch); each computes whole batches
+    cfg.worker_buffer_size = 2  # batches buffered per worker
+    cfg.read_threads = 0  # threads per process computing batches (the kernels release the GIL)
+    cfg.prefetch_buffer_size = 2  # batches prefetched by those threads
+    return cfg
+
+
+def one_crop_config(base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """``base`` (default: ``default_input_config()``) switched to the companion paper's "one-crop": the whole image at
+    128 px, still augmented unless ``augment`` is turned off."""
+    # copy_and_resolve_references: a plain ConfigDict(base) would share placeholder fields (num_epochs) with base.
+    cfg = (default_input_config() if base is None else base).copy_and_resolve_references()
+    cfg.size_crops = (128,)
+    cfg.nmb_crops = (1,)
+    cfg.min_scale_crops = (1.0,)
+    cfg.max_scale_crops = (1.0,)
+    return cfg
+
+
+def crop_specs(cfg: ml_collections.ConfigDict) -> tuple[augment.CropSpec, ...]:
+    """One ``CropSpec`` per output crop, in the batch's order (global crops first)."""
+    return augment.expand_crop_specs(cfg.size_crops, cfg.nmb_crops, cfg.min_scale_crops, cfg.max_scale_crops)
+
+
+def augment_params(cfg: ml_collections.ConfigDict) -> augment.AugmentParams | None:
+    """The config's augmentation settings, or None when ``augment`` is off."""
+    if not cfg.augment:
+        return None
+    params = augment.AugmentParams(
+        hflip_p=float(cfg.hflip_p),
+        blur_p=float(cfg.blur_p),
+        blur_sigma=(float(cfg.blur_sigma[0]), float(cfg.blur_sigma[1])),
+        vflip_p=float(cfg.vflip_p),
+        rot90=bool(cfg.rot90),
+        brightness=float(cfg.brightness),
+        contrast=float(cfg.contrast),
+    )
+    for name in ("hflip_p", "blur_p", "vflip_p"):
+        if not 0.0 <= getattr(params, name) <= 1.0:
+            raise ValueError(f"input config: {name}={getattr(params, name)} is not a probability")
+    if not 0 < params.blur_sigma[0] <= params.blur_sigma[1]:
+        raise ValueError(f"input config: blur_sigma={params.blur_sigma} must satisfy 0 < low <= high")
+    if params.brightness < 0 or params.contrast < 0:
+        raise ValueError("input config: brightness and contrast are jitter amplitudes >= 0")
+    return params
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-element work
+
+
+def element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one element's crops: Philox keyed by ``seed``, its counter starting at (epoch, index) in the
+    high words, so streams of different elements never overlap (an element draws a few hundred numbers)."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.random.Generator(np.random.Philox(key=seed, counter=[0, 0, epoch, index]))
+
+
+_MASK64 = (1 << 64) - 1
+_thread_local = threading.local()
+
+
+def _reused_element_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """``element_rng(seed, epoch, index)`` without building a generator: this thread's Philox for ``seed`` is reset to
+    the element's counter (3 µs instead of 15). Same stream; valid until the thread's next call."""
+    cache = getattr(_thread_local, "rngs", None)
+    if cache is None:
+        cache = _thread_local.rngs = {}
+    if seed not in cache:
+        bit_generator = np.random.Philox(key=seed)
+        cache[seed] = (bit_generator, np.random.Generator(bit_generator),
+                       np.array([seed & _MASK64, (seed >> 64) & _MASK64], np.uint64))
+    bit_generator, generator, key = cache[seed]
+    bit_generator.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([0, 0, epoch, index], np.uint64), "key": key},
+        "buffer": np.zeros(4, np.uint64),
+        "buffer_pos": 4,  # empty buffer: the next draw starts at the counter
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    return generator
+
+
+def _image_of(element: dict[str, Any], index: int) -> np.ndarray:
+    """The element's image as uint8 [H, W, C], or a clear error naming the source row."""
+    try:
+        image = np.asarray(element["image"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"source row {index}: expected a dict with an 'image' entry, got {type(element)}") from err
+    if image.ndim == 2:  # tolerate [H, W] sources: one channel
+        image = image[:, :, None]
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"source row {index} (row_id {element.get('row_id')}): image must be uint8 [H, W, C], "
+            f"got {image.dtype} with shape {image.shape}"
+        )
+    return image
+
+
+def multi_crop_element(
+    image: np.ndarray,
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    epoch: int,
+    index: int,
+    boxes: list[augment.CropBox] | None = None,
+) -> tuple[np.ndarray, ...]:
+    """The crops the training pipeline gives source row ``index`` in ``epoch`` (for tests, debugging, figures)."""
+    return augment.multi_crop(
+        image, element_rng(seed, epoch, index), crop_specs(cfg), augment_params(cfg), _RATIO, boxes
+    )
+
+
+def _position_and_index(position: int, source_index: int) -> np.ndarray:
+    """map_with_index transform: an element of the shuffled stream becomes (global stream position, source index)."""
+    return np.array([position, source_index], np.int64)
+
+
+class _TrainBatch:
+    """map transform on a batch of (position, source index) pairs → {'crops', 'row_id'}. Picklable for workers.
+
+    Working on whole batches lets every crop be written straight into its row of the batch arrays (no per-crop
+    allocation, no stacking copy) and uses the source's batch read (``__getitems__``) when it has one.
+    """
+
+    def __init__(self, source: RandomAccessSource, cfg: ml_collections.ConfigDict, seed: int):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self._source = source
+        self._length = len(source)
+        self._specs = crop_specs(cfg)
+        self._params = augment_params(cfg)
+        self._seed = seed
+
+    def __call__(self, pairs: np.ndarray) -> dict[str, Any]:
+        indices = [int(i) for i in pairs[:, 1]]
+        getitems = getattr(self._source, "__getitems__", None)
+        elements = getitems(indices) if getitems is not None else [self._source[i] for i in indices]
+        crops: tuple[np.ndarray, ...] | None = None
+        row_ids = np.empty(len(indices), np.int64)
+        for j, (position, index, element) in enumerate(zip(pairs[:, 0].tolist(), indices, elements)):
+            image = _image_of(element, index)
+            if crops is None:  # the channel count is known once the first image is read
+                channels = image.shape[2]
+                crops = tuple(np.empty((len(indices), s.size, s.size, channels), np.float32) for s in self._specs)
+            elif image.shape[2] != crops[0].shape[3]:
+                raise ValueError(f"source row {index} (row_id {element.get('row_id')}): {image.shape[2]} channels, "
+                                 f"but this batch's first image has {crops[0].shape[3]}")
+            rng = _reused_element_rng(self._seed, position // self._length, index)
+            augment.multi_crop(image, rng, self._specs, self._params, _RATIO, out=[c[j] for c in crops])
+            row_ids[j] = element["row_id"]
+        return {"crops": crops, "row_id": row_ids}
+
+
+class _EvalElement:
+    """map transform: padded global index → {'image', 'row_id', 'valid'}; indices past the source are padding."""
+
+    def __init__(self, source: RandomAccessSource, image_size: int | None, pad_shape: tuple[int, ...]):
+        self._source = source
+        self._length = len(source)
+        self._image_size = image_size
+        self._pad_shape = pad_shape
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index >= self._length:
+            return {"image": np.zeros(self._pad_shape, np.float32), "row_id": np.int64(-1), "valid": np.bool_(False)}
+        element = self._source[index]
+        image = augment.eval_preprocess(_image_of(element, index), self._image_size)
+        if image.shape != self._pad_shape:
+            raise ValueError(
+                f"source row {index} (row_id {element['row_id']}): preprocessed image has shape {image.shape}, "
+                f"but row 0 gave {self._pad_shape}; give image_size to resize all images alike"
+            )
+        return {"image": image, "row_id": np.int64(element["row_id"]), "valid": np.bool_(True)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only here: worker processes unpickling the pipeline need not import JAX
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} is the GLOBAL batch and must be a positive multiple of "
+            f"process_count={process_count}"
+        )
+    return batch_size // process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker start-up reads absl flags; outside ``absl.app.run`` they are unparsed and it raises
+    ``UnparsedFlagAccessError`` (platform_notes "Grain"). Parse just the program name, leaving real CLIs alone."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])
+
+
+def _to_iter(ds: grain.MapDataset, read_threads: int, prefetch_buffer_size: int, worker_count: int,
+             worker_buffer_size: int) -> grain.IterDataset:
+    # Grain's default ReadOptions (16 threads, 500 elements) oversubscribe a small machine: set them explicitly.
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=int(prefetch_buffer_size))
+    )
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size))
+        )
+    return it_ds
+
+
+def create_train_dataset(
+    source: RandomAccessSource,
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Local batches ``{'crops': tuple of float32 [B_local, S_k, S_k, C] in [0, 1], 'row_id': int64 [B_local]}``.
+
+    ``cfg.batch_size`` is global; ``B_local = batch_size // process_count``. Crops are in ``crop_specs(cfg)`` order.
+    Defaults of ``process_*`` come from ``jax.process_index()`` / ``jax.process_count()``.
+    """
+    process_index, process_count = _process_layout(process_index, process_count)
+    local_batch = _local_batch_size(int(cfg.batch_size), process_count)
+    crop_specs(cfg), augment_params(cfg)  # validate the config here, not in a worker
+    length = len(source)
+    if length == 0:
+        raise ValueError("the training source is empty")
+
+    ds = grain.MapDataset.range(length)
+    if cfg.shuffle:
+        ds = ds.seed(seed).shuffle()
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map_with_index(_position_and_index)
+    if cfg.num_epochs is not None:
+        # Keep whole global batches so every process yields the same number of local batches.
+        full = (len(ds) // int(cfg.batch_size)) * int(cfg.batch_size)
+        if full == 0:
+            raise ValueError(
+                f"{length} images × {cfg.num_epochs} epochs do not fill one global batch of {cfg.batch_size}"
+            )
+        ds = ds[:full]
+    ds = ds[process_index::process_count]
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(_TrainBatch(source, cfg, seed))
+    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, cfg.worker_count, cfg.worker_buffer_size)
+
+
+def create_eval_dataset(
+    source: RandomAccessSource,
+    *,
+    image_size: int | None = 128,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 0,
+    prefetch_buffer_size: int = 2,
+    worker_buffer_size: int = 2,
+) -> grain.IterDataset:
+    """Ordered local batches ``{'image': float32 [B_local, S, S, C] in [0, 1], 'row_id': int64, 'valid': bool}``.
+
+    ``batch_size`` is GLOBAL, as in training. Images are x/255 then resized to ``image_size`` with the authors'
+    antialiased bilinear float resize (``image_size=None``: native size, x/255 only). The last global batch is padded
+    (``valid`` False, ``row_id`` -1, zero image), so every process yields ``ceil(N / batch_size)`` full batches.
+    """
+    process_index, process_count = _process_layout(process_index, process_count)
+    local_batch = _local_batch_size(int(batch_size), process_count)
+    length = len(source)
+    if length == 0:
+        raise ValueError("the evaluation source is empty")
+    pad_shape = augment.eval_preprocess(_image_of(source[0], 0), image_size).shape
+    padded = math.ceil(length / batch_size) * batch_size
+    ds = grain.MapDataset.range(padded)[process_index::process_count]
+    ds = ds.map(_EvalElement(source, image_size, pad_shape))
+    ds = ds.batch(local_batch, drop_remainder=True)  # every local shard is a whole number of batches
+    return _to_iter(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
+
+
+def batches_per_epoch(num_images: int, batch_size: int) -> int:
+    """Global (= local) batches per pass over ``num_images`` in training: the stream has no epoch boundary, so this is
+    the mean number of steps per epoch, for schedules and logging."""
+    return num_images // batch_size
+
+
+__all__: Sequence[str] = (
+    "default_input_config",
+    "one_crop_config",
+    "crop_specs",
+    "augment_params",
+    "element_rng",
+    "multi_crop_element",
+    "create_train_dataset",
+    "create_eval_dataset",
+    "batches_per_epoch",
+)
