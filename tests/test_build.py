@@ -108,7 +108,121 @@ def test_per_channel_files_are_stacked_in_channel_order(tmp_path, names):
         np.testing.assert_array_equal(image, expected[i])
     info = dataset_info(tmp_path / "ds")
     assert info["channels"] == list(names)
-    assert info["image_encoding"] == ("png" if len(names) <= 4 else "zlib")  # PNG holds at most 4 channels
+    assert info["image_encoding"] == "raw"  # the default, for any channel count
+
+
+def _channel_plate(folder: Path, channels: int, count: int = 5) -> tuple[Path, dict[int, np.ndarray]]:
+    """``count`` rows of per-channel noise PNGs, one file per channel; returns the manifest and the pixels."""
+    expected, rows = {}, []
+    for i in range(count):
+        planes = [_noise(1000 * channels + 10 * i + k, (SIZE, SIZE)) for k in range(channels)]
+        row = dict(_meta(i))
+        for k, plane in enumerate(planes):
+            Image.fromarray(plane).save(folder / f"{i}_c{k}.png")
+            row[f"path_c{k}"] = f"{i}_c{k}.png"
+        rows.append(row)
+        expected[i] = np.stack(planes, axis=-1)
+    return _write_manifest(folder, rows), expected
+
+
+@pytest.mark.parametrize(("encoding", "channels"),  # PNG and 5 channels: test_png_is_refused_for_more_than_4_channels
+                         [(e, c) for e in ("raw", "png", "zlib") for c in (1, 3, 5) if (e, c) != ("png", 5)])
+def test_every_image_encoding_comes_back_bit_for_bit(tmp_path, encoding, channels):
+    manifest_path, expected = _channel_plate(tmp_path, channels)
+    _build(manifest_path, tmp_path / "ds", image_encoding=encoding, num_shards=2)
+
+    info = dataset_info(tmp_path / "ds")
+    assert info["image_encoding"] == info["options"]["image_encoding"] == encoding
+    source = open_source(tmp_path / "ds")
+    assert source.image_encoding == encoding and source.image_shape == (SIZE, SIZE, channels)
+    images = _by_row_id(tmp_path / "ds")
+    assert sorted(images) == sorted(expected)
+    for i, image in images.items():
+        assert image.shape == (SIZE, SIZE, channels)
+        np.testing.assert_array_equal(image, expected[i])
+    batch = source.__getitems__([3, 1])
+    np.testing.assert_array_equal(batch[0]["image"], expected[3])
+    np.testing.assert_array_equal(batch[1]["image"], expected[1])
+    # the files stay ordinary TFDS datasets: TFDS's own decoding reads the same pixels
+    import tensorflow_datasets as tfds
+
+    tfds_source = tfds.builder_from_directory(str(tmp_path / "ds" / info["tfds"]["data_dir"])).as_data_source("train")
+    example = tfds_source[2]
+    assert int(example["row_id"]) == 2
+    np.testing.assert_array_equal(np.asarray(example["image"]).reshape(SIZE, SIZE, channels), expected[2])
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_array_record_compresses_raw_records_with_zstd_unless_told_not_to(tmp_path, compression):
+    """'raw' leaves compression to ArrayRecord: the shards must say which, and zstd must make them smaller."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    # Shards grow in 64 KiB blocks, so tiny images would not show the compression. zstd has no pixel prediction:
+    # what it gains on cell images comes from their narrow histogram (dark background), imitated here by 2 bits
+    # of noise on a constant level.
+    images, size = 16, 256
+    rows, expected = [], {}
+    for i in range(images):
+        expected[i] = 20 + _noise(i, (size, size)) % 4
+        Image.fromarray(expected[i]).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", **_meta(i)})
+    _build(_write_manifest(tmp_path, rows), tmp_path / "ds", channels=["phase"], num_shards=1, image_size=size,
+           record_compression=compression)
+    info = dataset_info(tmp_path / "ds")
+    assert info["options"]["record_compression"] == compression
+    assert info["tfds"]["array_record_writer_options"].startswith("group_size:1,")
+    (shard,) = (tmp_path / "ds" / info["tfds"]["data_dir"]).glob("*.array_record-*")
+    reader = ArrayRecordReader(str(shard))
+    try:
+        written = reader.writer_options_string()
+    finally:
+        reader.close()
+    assert "group_size:1," in written  # one record per chunk: what TFDS's random-access reader expects
+    pixels = images * size * size
+    if compression == "zstd":
+        assert "zstd:3" in written and shard.stat().st_size < pixels / 2
+    else:
+        assert "uncompressed" in written and shard.stat().st_size > pixels
+    for i, image in _by_row_id(tmp_path / "ds").items():
+        np.testing.assert_array_equal(image[..., 0], expected[i])
+
+
+def test_png_is_refused_for_more_than_4_channels(tmp_path):
+    manifest_path, _ = _channel_plate(tmp_path, 5, count=2)
+    with pytest.raises(BuildError, match=r"'png' holds at most 4 channels, the manifest has 5 .*use 'raw' or 'zlib'"):
+        _build(manifest_path, tmp_path / "ds", image_encoding="png")
+    assert not (tmp_path / "ds").exists()  # refused before any work
+    with pytest.raises(ValueError, match="image_encoding must be one of raw, png, zlib"):
+        BuildOptions(image_encoding="jpeg")
+    with pytest.raises(ValueError, match="record_compression must be one of zstd, none"):
+        BuildOptions(record_compression="brotli")
+
+
+def test_a_dataset_built_before_raw_existed_still_opens(tmp_path):
+    """Older builds wrote image_encoding 'png' or 'zlib' and had no image_encoding among their options."""
+    manifest_path, expected = _channel_plate(tmp_path, 1, count=3)
+    _build(manifest_path, tmp_path / "ds", image_encoding="png")
+    info_path = tmp_path / "ds" / "dataset.json"
+    info = json.loads(info_path.read_text())
+    del info["options"]["image_encoding"]
+    info_path.write_text(json.dumps(info))
+    for i, image in _by_row_id(tmp_path / "ds").items():
+        np.testing.assert_array_equal(image, expected[i])
+
+
+def test_a_raw_record_of_the_wrong_size_names_the_example(tmp_path):
+    manifest_path, _ = _channel_plate(tmp_path, 1, count=2)
+    _build(manifest_path, tmp_path / "ds")
+    info_path = tmp_path / "ds" / "dataset.json"
+    info = json.loads(info_path.read_text())
+    info["image_shape"] = [SIZE, SIZE, 2]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=rf"example 1: {SIZE * SIZE} image bytes \(raw\), {2 * SIZE * SIZE} expected"):
+        open_source(tmp_path / "ds")[1]
+    info["image_encoding"] = "webp"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"dataset\.json: image_encoding 'webp' is not one of raw, png, zlib"):
+        open_source(tmp_path / "ds")
 
 
 def test_multipage_tiff_pages_become_channels(tmp_path):
@@ -154,6 +268,16 @@ def test_png_encoding_is_lossless_for_every_png_channel_count(channels, level):
         assert image.format == "PNG" and image.mode == {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
         decoded = np.asarray(image)
     np.testing.assert_array_equal(decoded.reshape(pixels.shape), pixels)
+
+
+def test_raw_and_zlib_encodings_hand_the_array_to_the_tensor_feature():
+    pixels = _noise(5, (7, 5, 5))[:, ::-1]  # a non-contiguous view must come out contiguous
+    for encoding in ("raw", "zlib"):
+        encoded = encode_image(pixels, encoding=encoding)
+        assert encoded.flags.c_contiguous
+        np.testing.assert_array_equal(encoded, pixels)
+    with pytest.raises(ValueError, match="PNG holds at most 4 channels, got 5"):
+        encode_image(pixels, encoding="png")
 
 
 # --------------------------------------------------------------------------------------------------- bad images
@@ -267,10 +391,14 @@ def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
             "--channels", "phase", "--workers", "1"]
     assert main(args) == 0
     assert "3 images written" in capsys.readouterr().out
-    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["counts"]["examples"] == 3
+    info = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert info["counts"]["examples"] == 3 and info["image_encoding"] == "raw"
     assert main(args) == 1
     assert "already holds a build" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--overwrite", "--image-encoding", "png", "--record-compression", "none"]) == 0
+    info = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert info["image_encoding"] == "png" and info["options"]["record_compression"] == "none"
+    np.testing.assert_array_equal(open_source(tmp_path / "ds")[2]["image"][..., 0], _noise(2, (SIZE, SIZE)))
 
     pd.DataFrame([{**rows[0], "Metadata_Well": "Z99"}]).to_csv(tmp_path / "bad.csv", index=False)
     assert main(["--manifest", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")]) == 1
