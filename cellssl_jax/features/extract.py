@@ -79,7 +79,7 @@ def extract_features(
     params,
     model: ConvAE,
     dataset_dir: str | Path,
-    out_path: str | Path,
+    out_path: str | Path | dict[str, str | Path],
     *,
     mode: str = "latent",
     layers: Sequence[str] = DEFAULT_POOLED_LAYERS,
@@ -88,16 +88,18 @@ def extract_features(
     mesh=None,
     progress: bool = True,
     provenance: dict | None = None,
-) -> Path:
+) -> Path | dict[str, Path]:
     """Run the encoder over a built dataset and write one Parquet row per image.
 
-    ``batch_size`` is global: split over every process and device. Only process 0 writes; others send their rows to it.
+    ``out_path`` may be a dict ``{mode: path}`` to write several feature modes from ONE pass over the images (the
+    encoder runs once; reading and resizing the images is most of the cost). ``batch_size`` is global: split over
+    every process and device. Only process 0 writes; other processes send their rows to it.
     """
     from data_pipelines.input_pipeline import create_eval_dataset
     from data_pipelines.source import load_dataset_manifest, open_source
 
+    outputs = {m: Path(p) for m, p in out_path.items()} if isinstance(out_path, dict) else {mode: Path(out_path)}
     dataset_dir = Path(dataset_dir)
-    out_path = Path(out_path)
     mesh = mesh or parallel.make_data_mesh()
     n_proc, proc = jax.process_count(), jax.process_index()
     if batch_size % jax.device_count():
@@ -111,22 +113,23 @@ def extract_features(
     batches = create_eval_dataset(source, image_size=image_size, batch_size=local_batch,
                                   process_index=proc, process_count=n_proc)
 
-    fn = feature_function(model, mode, layers)
-    names = feature_names(model, mode, layers, image_size)
+    fns = {m: feature_function(model, m, layers) for m in outputs}
     params = parallel.replicate(params, mesh)
-    step = jax.jit(fn, in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
+    step = jax.jit(lambda p, x: {m: f(p, x) for m, f in fns.items()},
+                   in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))
 
+    writers: dict[str, _ModeWriter] = {}
+    for m, path in outputs.items():
+        names = feature_names(model, m, layers, image_size)
+        record = {"mode": m, "layers": list(layers) if m == "pooled" else ["latent"], "feature_names": names,
+                  "image_size": image_size, **(provenance or {})}
+        writers[m] = _ModeWriter(path, column_names(len(names)), record)
+
     n_images = len(source)
-    writer = None
-    columns = column_names(len(names))
-    schema_meta = {
-        "cellssl_jax.features": json.dumps({"mode": mode, "layers": list(layers) if mode == "pooled" else ["latent"],
-                                            "feature_names": names, "image_size": image_size,
-                                            **(provenance or {})})
-    }
     written = 0
-    bar = tqdm(total=n_images, desc=f"features ({mode})", unit="img", disable=not progress or proc != 0)
+    bar = tqdm(total=n_images, desc=f"features ({', '.join(outputs)})", unit="img",
+               disable=not progress or proc != 0)
     try:
         for batch in batches:
             images = parallel.global_batch(batch["image"], mesh)
@@ -138,28 +141,46 @@ def extract_features(
                     (feats, batch["row_id"], batch["valid"]), tiled=True)
             else:
                 row_id, valid = batch["row_id"], batch["valid"]
-            feats, row_id, valid = np.asarray(feats), np.asarray(row_id), np.asarray(valid, bool)
+            row_id, valid = np.asarray(row_id), np.asarray(valid, bool)
             bar.update(int(valid.sum()))
             if proc != 0 or not valid.any():
                 continue
-            if not np.isfinite(feats[valid]).all():
-                bad = row_id[valid][~np.isfinite(feats[valid]).all(axis=1)]
-                raise FloatingPointError(f"non-finite features for dataset rows {bad[:10].tolist()}")
             meta = manifest.loc[row_id[valid], meta_cols].reset_index(drop=True)
-            table = _table(meta, feats[valid], columns, schema_meta)
-            if writer is None:
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                writer = pq.ParquetWriter(out_path, table.schema, compression="zstd")
-            writer.write_table(table)
+            for m, f in feats.items():
+                f = np.asarray(f)[valid]
+                if not np.isfinite(f).all():
+                    bad = row_id[valid][~np.isfinite(f).all(axis=1)]
+                    raise FloatingPointError(f"non-finite {m} features for dataset rows {bad[:10].tolist()}")
+                writers[m].write(meta, f)
             written += int(valid.sum())
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        for w in writers.values():
+            w.close()
     if proc == 0 and written != n_images:
         raise RuntimeError(f"wrote {written} feature rows for a dataset of {n_images} images in {dataset_dir}")
-    log.info("wrote %d rows × %d features (%s) to %s", written, len(names), mode, out_path)
-    return out_path
+    log.info("wrote %d rows of %s features to %s", written, "/".join(outputs), ", ".join(map(str, outputs.values())))
+    return outputs if isinstance(out_path, dict) else outputs[mode]
+
+
+class _ModeWriter:
+    """A ParquetWriter opened on the first batch (the schema comes from the first table)."""
+
+    def __init__(self, path: Path, columns: list[str], record: dict):
+        self.path, self.columns = path, columns
+        self.schema_meta = {"cellssl_jax.features": json.dumps(record)}
+        self._writer = None
+
+    def write(self, meta: pd.DataFrame, feats: np.ndarray) -> None:
+        table = _table(meta, feats, self.columns, self.schema_meta)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _table(meta: pd.DataFrame, feats: np.ndarray, columns: list[str], schema_meta: dict) -> pa.Table:
@@ -176,7 +197,7 @@ def read_feature_metadata(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def extract_from_checkpoint(checkpoint: str | Path, dataset_dir: str | Path, out_path: str | Path, **kwargs) -> Path:
+def extract_from_checkpoint(checkpoint: str | Path, dataset_dir: str | Path, out_path, **kwargs):
     """Load parameters and model config from any checkpoint the project writes (trained or imported) and extract."""
     from cellssl_jax.models.convae import model_from_config
     from cellssl_jax.training.checkpoint import load_params

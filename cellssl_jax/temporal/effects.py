@@ -181,6 +181,7 @@ def concentration_key(values) -> np.ndarray:
 
 
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
+    """Planted effects per (cell_line, drug, concentration_uM); rows of controls (effect 'control') are dropped."""
     path = Path(path)
     table = pd.read_csv(path)
     need = ["cell_line", "drug", "concentration_uM", "effect"]
@@ -188,8 +189,9 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
     for i, effect in enumerate(table["effect"]):
-        _check_effect(effect, f"{path}: row {i}")
-    return table
+        if effect != "control":
+            _check_effect(effect, f"{path}: line {i + 2}")
+    return table[table["effect"] != "control"].reset_index(drop=True)
 
 
 def score_effects(predicted: pd.DataFrame, truth: pd.DataFrame, *, controls=("DMSO", "PBS")) -> dict:
