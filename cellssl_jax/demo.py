@@ -97,7 +97,7 @@ def stage_crops(run: Run, seed: int) -> dict:
 
 
 def stage_train(run: Run, overrides: list[str]) -> dict:
-    from cellssl_jax.training import train_and_evaluate
+    from cellssl_jax.training.loop import train_and_evaluate
     from configs import demo as demo_config
 
     cfg = demo_config.get_config()
