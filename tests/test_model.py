@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cellssl_jax.models.convae import ConvAE, count_params, init_params, subpixel_kernels, upsample_conv_subpixel, \
+from jax import lax
+
+from cellssl_jax.models.convae import ConvAE, conv3x3_vjp, conv_from_one_channel_vjp, conv_to_one_channel_vjp, \
+    count_params, init_params, model_from_config, subpixel_kernels, upsample_conv_subpixel, upsample_conv_vjp, \
     upsample_nearest_2x
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def test_parameter_count_matches_the_paper():
@@ -80,3 +85,136 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
     y32 = ConvAE().apply({"params": params}, x)
     assert y.dtype == jnp.float32
     assert float(jnp.abs(y - y32).max()) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# formulation="subpixel_vjp": hand-written backward passes and micro-batching must compute the plain model's function
+
+
+def _same_conv(x, kernel, bias):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS) + bias
+
+
+def _upsample_then_conv(x, kernel, bias):
+    return _same_conv(upsample_nearest_2x(x), kernel, bias)
+
+
+@pytest.mark.parametrize("layer, reference, cin, cout, upsample", [
+    (conv3x3_vjp, _same_conv, 5, 7, False),
+    (conv_from_one_channel_vjp, _same_conv, 1, 6, False),
+    (conv_to_one_channel_vjp, _same_conv, 6, 1, False),
+    (upsample_conv_vjp, _upsample_then_conv, 5, 3, True),
+])
+def test_each_hand_written_backward_matches_autodiff(layer, reference, cin, cout, upsample):
+    """Output and all three cotangents (input, kernel, bias) against jax.vjp of the obvious formulation."""
+    kx, kk, kb, kd = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(kx, (3, 6, 10, cin))  # odd batch, non-square image
+    kernel = jax.random.normal(kk, (3, 3, cin, cout))
+    bias = jax.random.normal(kb, (cout,))
+    y_ref, vjp_ref = jax.vjp(reference, x, kernel, bias)
+    y, vjp = jax.vjp(layer, x, kernel, bias)
+    assert y.shape == y_ref.shape == (3, 12 if upsample else 6, 20 if upsample else 10, cout)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-4)
+    dy = jax.random.normal(kd, y.shape)
+    for name, got, want in zip(("input", "kernel", "bias"), vjp(dy), vjp_ref(dy)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        scale = float(jnp.abs(want).max())
+        assert float(jnp.abs(got - want).max()) <= 1e-5 * scale, name
+
+
+def _bce_objective(formulation, micro_batch, x):
+    def objective(p):
+        model = ConvAE(formulation=formulation, micro_batch=micro_batch)
+        logits = model.apply({"params": p}, x, method=lambda m, v: m.decode_logits(m.encode(v)))
+        return jnp.mean(jax.nn.softplus(logits) - x * logits)
+    return objective
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_subpixel_vjp_loss_and_gradients_match_plain(micro_batch):
+    """The full model at 128×128: same loss and same gradient for every parameter, in slices of 2 images or whole."""
+    params = init_params(ConvAE(), jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))
+    l_plain, g_plain = jax.jit(jax.value_and_grad(_bce_objective("plain", None, x)))(params)
+    l_fast, g_fast = jax.jit(jax.value_and_grad(_bce_objective("subpixel_vjp", micro_batch, x)))(params)
+    assert abs(float(l_plain) - float(l_fast)) < 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree_util.tree_leaves(g_fast)):
+        scale = float(jnp.abs(a).max()) + 1e-12
+        assert float(jnp.abs(a - b).max()) / scale < 1e-4, jax.tree_util.keystr(path)
+
+
+def test_subpixel_vjp_outputs_and_encoder_stages_match_plain_in_slices():
+    params = init_params(ConvAE(), jax.random.key(0), image_size=32)
+    x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 1))
+    plain, fast = ConvAE(formulation="plain"), ConvAE(formulation="subpixel_vjp", micro_batch=1)
+    np.testing.assert_allclose(np.asarray(fast.apply({"params": params}, x)),
+                               np.asarray(plain.apply({"params": params}, x)), atol=1e-6)
+    stages_plain = plain.apply({"params": params}, x, method="encode_layers")
+    stages_fast = fast.apply({"params": params}, x, method="encode_layers")
+    assert stages_plain.keys() == stages_fast.keys()
+    for key in stages_plain:
+        assert stages_fast[key].shape == stages_plain[key].shape, key
+        np.testing.assert_allclose(np.asarray(stages_fast[key]), np.asarray(stages_plain[key]), atol=1e-5,
+                                   err_msg=key)
+
+
+def test_subpixel_vjp_works_for_other_channel_counts():
+    """A 5-channel model (no one-channel edge layers) in slices of 2, against plain."""
+    kw = dict(in_channels=5, encoder_widths=(16, 8, 8), latent_channels=3, decoder_widths=(8, 8, 16))
+    params = init_params(ConvAE(**kw), jax.random.key(0), image_size=16)
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 5))
+
+    def loss(formulation, micro_batch):
+        return lambda p: jnp.mean(ConvAE(formulation=formulation, micro_batch=micro_batch, **kw)
+                                  .apply({"params": p}, x) ** 2)
+
+    g_plain = jax.grad(loss("plain", None))(params)
+    g_fast = jax.grad(loss("subpixel_vjp", 2))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_fast)):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * (float(jnp.abs(a).max()) + 1e-12)
+
+
+def test_auto_picks_the_cpu_formulation_with_one_image_slices():
+    model = ConvAE(formulation="auto")
+    params = init_params(model, jax.random.key(0), image_size=16)
+    bound = model.bind({"params": params})
+    assert jax.default_backend() == "cpu"
+    assert bound.resolved_formulation() == "subpixel_vjp" and bound.resolved_micro_batch() == 1
+    assert ConvAE(formulation="subpixel").bind({"params": params}).resolved_micro_batch() == 0
+    assert model_from_config({"formulation": "auto", "micro_batch": 4}).micro_batch == 4
+
+
+def test_micro_batch_must_divide_the_batch():
+    model = ConvAE(formulation="subpixel_vjp", micro_batch=2)
+    params = init_params(model, jax.random.key(0), image_size=16)
+    with pytest.raises(ValueError, match="micro_batch=2 must divide the batch size 3"):
+        model.apply({"params": params}, jnp.zeros((3, 16, 16, 1)))
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        init_params(ConvAE(formulation="winograd"), jax.random.key(0), image_size=16)
+
+
+def test_subpixel_vjp_training_graph_has_only_canonical_convolutions_and_no_first_layer_input_gradient():
+    """Why it is loop-safe on XLA:CPU: every convolution of the compiled gradient, inside the micro-batch loop too,
+    is NHWC/HWIO → NHWC (autodiff's weight gradients are left non-canonical in a loop body and run a naive loop), and
+    the first layer's input gradient (nobody needs it) is gone."""
+    model = ConvAE(formulation="subpixel_vjp", micro_batch=1)
+    params = init_params(model, jax.random.key(0), image_size=32)
+    x = jnp.ones((2, 32, 32, 1))
+    hlo = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum())).lower(params).compile().as_text()
+    convs = [line for line in hlo.splitlines() if " convolution(" in line]
+    assert "while" in hlo and len(convs) > 10
+    assert all("dim_labels=b01f_01io->b01f" in line for line in convs), [c for c in convs if "b01f_01io" not in c]
+    one_channel_outputs = [line for line in convs if "f32[1,32,32,1]" in line]
+    assert len(one_channel_outputs) == 1  # the last layer's forward; no input gradient of the first layer
+
+
+def test_subpixel_vjp_bfloat16_keeps_float32_parameters_gradients_and_output():
+    model = ConvAE(formulation="subpixel_vjp", micro_batch=1, dtype=jnp.bfloat16)
+    params = init_params(model, jax.random.key(0), image_size=32)
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
+    y = model.apply({"params": params}, x)
+    y32 = ConvAE(formulation="plain").apply({"params": params}, x)
+    assert y.dtype == jnp.float32 and float(jnp.abs(y - y32).max()) < 0.05
+    grads = jax.grad(lambda p: model.apply({"params": p}, x).mean())(params)
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))

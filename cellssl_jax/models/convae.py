@@ -11,12 +11,23 @@ Activations are NHWC. Every layer is stored as the kernel of a *plain cross-corr
 such a convolution whose kernel is the transposed-conv weight flipped spatially with in/out channels swapped; the interop
 module does that conversion, so the model itself only knows convolutions.
 
-Two formulations of the same function (``formulation``):
-- ``"plain"``: the layers as written above; the reference the fast form is tested against.
+Formulations of the same function (``formulation``), all with the same parameters:
+- ``"plain"``: the layers as written above; the reference the fast forms are tested against.
 - ``"subpixel"``: a nearest ×2 upsample followed by a 3×3 conv equals four 2×2 convs on the low-resolution input whose
-  outputs are interleaved (pixel shuffle). Same parameters, 2.25× fewer FLOPs in the two upsampling layers, which hold
-  ~75% of the model's FLOPs at 128×128. Explicit ``jnp.pad`` + VALID convolutions: with padding inside the conv, XLA:CPU
-  emitted a weight-gradient convolution that fell into a naive loop (platform notes).
+  outputs are interleaved (pixel shuffle). 2.25× fewer FLOPs in the two upsampling layers, which hold ~75% of the
+  model's FLOPs at 128×128. Explicit ``jnp.pad`` + VALID convolutions: with padding inside the conv, XLA:CPU emitted a
+  weight-gradient convolution that fell into a naive loop (platform notes). Gradients by autodiff: the portable form
+  (GPU/TPU, where XLA's own backward convolutions are good).
+- ``"subpixel_vjp"``: the sub-pixel math with hand-written backward passes (``jax.custom_vjp``) shaped for XLA:CPU; see
+  "Backward passes for XLA:CPU" below for what each one avoids.
+- ``"auto"``: ``"subpixel_vjp"`` on CPU, ``"subpixel"`` elsewhere (decided when the function is traced).
+
+``micro_batch``: ``encode`` and ``decode_logits`` run over the batch in slices of this many images (``lax.map``), so
+every intermediate of one slice stays in the CPU caches (one 128×128×128 float32 activation is 8 MB per image; the
+L3 of the measured machine is 32 MB). The result and gradient are the same as the whole batch at once (sums in a
+different order). ``None`` (default) picks 1 on CPU with ``subpixel_vjp`` and the whole batch otherwise; 0 = the whole
+batch. Only ``subpixel_vjp`` is safe inside a loop on XLA:CPU: autodiff's weight-gradient convolutions are left
+non-canonical inside a while body and run a naive loop there (a ``lax.scan``/``map`` step was >10× slower).
 
 Mixed precision: ``dtype`` is the compute dtype (e.g. bfloat16); parameters stay float32 and the output sigmoid is
 computed in float32 so the loss sees full-precision probabilities.
@@ -24,7 +35,7 @@ computed in float32 so the loss sees full-precision probabilities.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "auto")
 
 # Rows of the 2-tap kernels that a 3-tap kernel collapses to after a nearest ×2 upsample, per output phase.
 # Output row 2i+0 reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i  → taps (K0, K1+K2) over rows (i-1, i).
@@ -92,6 +104,203 @@ def upsample_conv_subpixel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> 
     y = jnp.stack(phases, axis=2)  # (n, h, 2[di], w, 2[dj], o)
     return y.reshape(n, 2 * h, 2 * w, -1) + bias
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward passes for XLA:CPU (formulation "subpixel_vjp")
+#
+# What autodiff of the sub-pixel form costs on XLA:CPU, measured per op in a profile of the training step:
+# - each weight-gradient convolution is preceded by copies of its input and output gradient to [C, H, W, N] / [H, W, N,
+#   C] (batch innermost); XLA:CPU emits those transposes at 0.1–2 GB/s. Written out below as canonical NHWC/HWIO
+#   convolutions, which also keeps them canonical inside a loop (micro-batching), where XLA does not canonicalise;
+# - the first layer (1 input channel) and the last (1 output channel) are convolutions with one channel on one side:
+#   Eigen runs them as matrix-vector work over the widest activation. Their weight gradients are written as one
+#   [9 (+1), pixels] @ [pixels, C] matrix product on shifted copies of the one-channel side instead (>10× faster);
+# - bias gradients: XLA lowers a sum over (N, H, W) to a slow reduce-window; ones @ rows is a plain matrix product and,
+#   for the one-channel layers, rides along in the weight-gradient product as an extra row of ones;
+# - the two sub-pixel upsampling layers: one 2×2 convolution with all four phases as 4·Co output channels (one large
+#   product instead of four), and its input gradient as one convolution of the de-interleaved output gradient.
+# All products accumulate in float32 (``preferred_element_type``) whatever the compute dtype.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _pad1(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMS,
+                                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _flip_io(kernel: jax.Array) -> jax.Array:
+    """The kernel whose VALID conv of the (padded) output gradient is the input gradient."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _matmul32(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _bias_grad(dy: jax.Array) -> jax.Array:
+    """Sum over N, H, W as ones @ rows: XLA:CPU's reduction over the major axes is ~4× slower than the product."""
+    r = _rows(dy)
+    return _matmul32(jnp.ones((1, r.shape[0]), r.dtype), r)[0]
+
+
+def _weight_grad(x_padded: jax.Array, dy: jax.Array) -> jax.Array:
+    """∂/∂kernel of ``_valid_conv(x_padded, kernel)``: the convolution XLA would emit, written with canonical layouts.
+
+    It contracts over (N, H, W): batch as the input-feature axis, the output gradient as a kernel as large as the image.
+    """
+    lhs = x_padded.transpose(3, 1, 2, 0)  # [Ci, H', W', N]
+    rhs = dy.transpose(1, 2, 0, 3)  # [H, W, N, Co]
+    out = lax.conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=_DIMS,
+                                   preferred_element_type=jnp.float32)  # [Ci, kh, kw, Co]
+    return out.transpose(1, 2, 0, 3)
+
+
+@jax.custom_vjp
+def conv3x3_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3×3 'same' convolution (= ``_conv``) with the backward pass written out."""
+    return _valid_conv(_pad1(x), kernel) + bias
+
+
+def _conv3x3_fwd(x, kernel, bias):
+    return conv3x3_vjp(x, kernel, bias), (x, kernel)
+
+
+def _conv3x3_bwd(res, dy):
+    x, kernel = res
+    dx = _valid_conv(_pad1(dy), _flip_io(kernel))
+    dk = _weight_grad(_pad1(x), dy).astype(kernel.dtype)
+    return dx, dk, _bias_grad(dy).astype(kernel.dtype)
+
+
+conv3x3_vjp.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def _tap_rows(img: jax.Array) -> jax.Array:
+    """One-channel [N, H, W, 1] → [9, N·H·W]: row 3i+j is the pixel each output position sees through tap (i, j)."""
+    n, h, w, _ = img.shape
+    p = _pad1(img)[..., 0]
+    return jnp.stack([p[:, i:i + h, j:j + w].reshape(-1) for i in range(3) for j in range(3)])
+
+
+def _reach_rows(img: jax.Array) -> jax.Array:
+    """Adjoint of ``_tap_rows``' shifts: row 3i+j is the output position (p+1-i, q+1-j) that input (p, q) reaches."""
+    n, h, w, _ = img.shape
+    p = _pad1(img)[..., 0]
+    return jnp.stack([p[:, 2 - i:2 - i + h, 2 - j:2 - j + w].reshape(-1) for i in range(3) for j in range(3)])
+
+
+@jax.custom_vjp
+def conv_from_one_channel_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3×3 'same' convolution of a one-channel input (the first layer)."""
+    return _valid_conv(_pad1(x), kernel) + bias
+
+
+def _from1_fwd(x, kernel, bias):
+    return conv_from_one_channel_vjp(x, kernel, bias), (x, kernel)
+
+
+def _from1_bwd(res, dy):
+    x, kernel = res
+    taps = _tap_rows(x)
+    taps_and_ones = jnp.concatenate([taps, jnp.ones((1, taps.shape[1]), taps.dtype)])  # [10, N·H·W]
+    g = _matmul32(taps_and_ones, _rows(dy))  # [10, Co]: weight rows, then the bias
+    dx = _valid_conv(_pad1(dy), _flip_io(kernel))  # removed by XLA when nobody asks for the input gradient
+    return dx, g[:9].reshape(kernel.shape).astype(kernel.dtype), g[9].astype(kernel.dtype)
+
+
+conv_from_one_channel_vjp.defvjp(_from1_fwd, _from1_bwd)
+
+
+@jax.custom_vjp
+def conv_to_one_channel_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3×3 'same' convolution to a one-channel output (the last layer)."""
+    return _valid_conv(_pad1(x), kernel) + bias
+
+
+def _to1_fwd(x, kernel, bias):
+    return conv_to_one_channel_vjp(x, kernel, bias), (x, kernel)
+
+
+def _to1_bwd(res, dy):
+    x, kernel = res
+    c = x.shape[-1]
+    dx = _valid_conv(_pad1(dy), _flip_io(kernel))
+    reach = _reach_rows(dy)  # [9, N·H·W]
+    dk = _matmul32(reach, _rows(x))  # [9, Ci]
+    return dx, dk.reshape(3, 3, c, 1).astype(kernel.dtype), jnp.sum(dy, dtype=jnp.float32)[None].astype(kernel.dtype)
+
+
+conv_to_one_channel_vjp.defvjp(_to1_fwd, _to1_bwd)
+
+
+def _all_phase_kernel(kernel: jax.Array) -> jax.Array:
+    """3×3 HWIO kernel → one 2×2 kernel with the four sub-pixel phases stacked on the output axis: (2, 2, I, 4·O)."""
+    ci, co = kernel.shape[2], kernel.shape[3]
+    return subpixel_kernels(kernel).transpose(2, 3, 4, 0, 1, 5).reshape(2, 2, ci, 4 * co)
+
+
+def _interleave_phases(y_all: jax.Array, h: int, w: int) -> jax.Array:
+    """[N, h+1, w+1, 4·O] (phase (di, dj) valid at offset (di, dj)) → the upsampled [N, 2h, 2w, O]."""
+    n, co = y_all.shape[0], y_all.shape[-1] // 4
+    y6 = y_all.reshape(n, h + 1, w + 1, 2, 2, co)
+    rows = [jnp.stack([y6[:, di:di + h, dj:dj + w, di, dj, :] for dj in range(2)], axis=3) for di in range(2)]
+    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, co)
+
+
+def _deinterleave_phases(dout: jax.Array) -> jax.Array:
+    """Adjoint of ``_interleave_phases``: each phase of [N, 2h, 2w, O] placed at its offset in [N, h+1, w+1, 4·O]."""
+    n, hh, ww, co = dout.shape
+    d6 = dout.reshape(n, hh // 2, 2, ww // 2, 2, co)
+    parts = [jnp.pad(d6[:, :, di, :, dj, :], ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
+             for di in range(2) for dj in range(2)]
+    return jnp.concatenate(parts, axis=-1)
+
+
+@jax.custom_vjp
+def upsample_conv_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """conv3x3(upsample_nearest_2x(x)) as one 2×2 convolution with all four phases, interleaved."""
+    _, h, w, _ = x.shape
+    return _interleave_phases(_valid_conv(_pad1(x), _all_phase_kernel(kernel)), h, w) + bias
+
+
+def _up_fwd(x, kernel, bias):
+    return upsample_conv_vjp(x, kernel, bias), (x, kernel)
+
+
+def _up_bwd(res, dout):
+    x, kernel = res
+    k_all = _all_phase_kernel(kernel)
+    d_all = _deinterleave_phases(dout)  # [N, h+1, w+1, 4·O]
+    dx = _valid_conv(d_all, _flip_io(k_all))  # exactly the unpadded input: [N, h, w, I]
+    dk_all = _weight_grad(_pad1(x), d_all)
+    _, to_kernel = jax.vjp(_all_phase_kernel, kernel.astype(jnp.float32))
+    (dk,) = to_kernel(dk_all)
+    return dx, dk.astype(kernel.dtype), _bias_grad(dout).astype(kernel.dtype)
+
+
+upsample_conv_vjp.defvjp(_up_fwd, _up_bwd)
+
+
+def _in_slices(fn: Callable[[jax.Array], Any], x: jax.Array, size: int) -> Any:
+    """``fn`` over the batch in slices of ``size`` images (``lax.map``); the whole batch when size is 0 or too big.
+
+    ``fn`` may return a pytree of per-image arrays; each comes back with the whole batch on its leading axis.
+    """
+    n = x.shape[0]
+    if size <= 0 or size >= n:
+        return fn(x)
+    if n % size:
+        raise ValueError(f"micro_batch={size} must divide the batch size {n}")
+    out = lax.map(fn, x.reshape(n // size, size, *x.shape[1:]))
+    return jax.tree_util.tree_map(lambda y: y.reshape(n, *y.shape[2:]), out)
+
 
 class ConvAE(nn.Module):
     """The paper's ConvAE; widths and channels configurable (a 5-channel Cell Painting model is a config change)."""
@@ -100,12 +309,15 @@ class ConvAE(nn.Module):
     encoder_widths: Sequence[int] = (128, 64, 32)
     latent_channels: int = 4
     decoder_widths: Sequence[int] = (32, 64, 128)
-    formulation: str = "subpixel"  # "plain" | "subpixel": same function, different speed
+    formulation: str = "subpixel"  # one of FORMULATIONS: same function, different speed
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+    micro_batch: int | None = None  # images per slice in encode/decode_logits; None: 1 on CPU with subpixel_vjp
 
     def setup(self):
-        if self.formulation not in ("plain", "subpixel"):
-            raise ValueError(f"formulation must be 'plain' or 'subpixel', got {self.formulation!r}")
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 or None, got {self.micro_batch}")
         if len(self.encoder_widths) != 3 or len(self.decoder_widths) != 3:
             raise ValueError("the paper's ConvAE has exactly three hidden widths in encoder and decoder")
         self.encoder = _Stack(self._encoder_channels(), name="encoder")
@@ -119,6 +331,18 @@ class ConvAE(nn.Module):
         d = self.decoder_widths
         return ((self.latent_channels, d[0]), (d[0], d[1]), (d[1], d[2]), (d[2], self.in_channels))
 
+    def resolved_formulation(self) -> str:
+        """The formulation actually run: ``auto`` becomes ``subpixel_vjp`` on CPU and ``subpixel`` elsewhere."""
+        if self.formulation != "auto":
+            return self.formulation
+        return "subpixel_vjp" if jax.default_backend() == "cpu" else "subpixel"
+
+    def resolved_micro_batch(self) -> int:
+        """Images per slice actually used (0: the whole batch)."""
+        if self.micro_batch is not None:
+            return self.micro_batch
+        return 1 if self.resolved_formulation() == "subpixel_vjp" and jax.default_backend() == "cpu" else 0
+
     def encode(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) in [0, 1] → latent (N, H/4, W/4, latent_channels), linear output."""
         return self.encode_layers(x)["latent"]
@@ -129,18 +353,24 @@ class ConvAE(nn.Module):
         Feature extraction pools the intermediate stages into translation-invariant statistics; XLA drops the
         stages a caller does not use.
         """
-        conv = _conv_reference if self.formulation == "plain" else _conv
+        formulation = self.resolved_formulation()
         layers = self.encoder.layers(self.dtype)
         x = x.astype(self.dtype)
+        if formulation == "subpixel_vjp":
+            return _in_slices(lambda xs: _encode_layers_vjp(xs, layers), x, self.resolved_micro_batch())
+        conv = _conv_reference if formulation == "plain" else _conv
         b1 = max_pool_2x2(nn.relu(conv(x, *layers[0])))
         b2 = max_pool_2x2(nn.relu(conv(b1, *layers[1])))
         b3 = nn.relu(conv(b2, *layers[2]))
         return {"block1": b1, "block2": b2, "block3": b3, "latent": conv(b3, *layers[3])}
 
     def decode_logits(self, z: jax.Array) -> jax.Array:
+        formulation = self.resolved_formulation()
         layers = self.decoder.layers(self.dtype)
         z = z.astype(self.dtype)
-        if self.formulation == "plain":
+        if formulation == "subpixel_vjp":
+            return _in_slices(lambda zs: _decode_logits_vjp(zs, layers), z, self.resolved_micro_batch())
+        if formulation == "plain":
             x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
             x = upsample_nearest_2x(nn.relu(_conv_reference(x, *layers[1])))
             x = nn.relu(_conv_reference(x, *layers[2]))
@@ -156,6 +386,22 @@ class ConvAE(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x))
+
+
+def _encode_layers_vjp(x, layers):
+    first = conv_from_one_channel_vjp if x.shape[-1] == 1 else conv3x3_vjp
+    b1 = max_pool_2x2(nn.relu(first(x, *layers[0])))
+    b2 = max_pool_2x2(nn.relu(conv3x3_vjp(b1, *layers[1])))
+    b3 = nn.relu(conv3x3_vjp(b2, *layers[2]))
+    return {"block1": b1, "block2": b2, "block3": b3, "latent": conv3x3_vjp(b3, *layers[3])}
+
+
+def _decode_logits_vjp(z, layers):
+    x = nn.relu(conv3x3_vjp(z, *layers[0]))
+    x = nn.relu(upsample_conv_vjp(x, *layers[1]))
+    x = nn.relu(upsample_conv_vjp(x, *layers[2]))
+    last = conv_to_one_channel_vjp if layers[3][0].shape[-1] == 1 else conv3x3_vjp
+    return last(x, *layers[3]).astype(jnp.float32)
 
 
 class _Stack(nn.Module):
@@ -206,6 +452,7 @@ def model_from_config(cfg) -> ConvAE:
         decoder_widths=tuple(get("decoder_widths", (32, 64, 128))),
         formulation=get("formulation", "subpixel"),
         dtype=dtype,
+        micro_batch=get("micro_batch", None),
     )
 
 

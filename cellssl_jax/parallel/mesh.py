@@ -93,3 +93,42 @@ def global_batch(local_batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map(one, local_batch)
+
+
+def local_replica(tree):
+    """This process's copy of a fully replicated pytree (parameters, metrics), as single-device arrays.
+
+    Every process holds a whole copy of a replicated array, so reading it needs no collective; handing the local copy
+    to a locally jitted function (a preview reconstruction on process 0) keeps the other processes out of it.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError("local_replica needs a fully replicated array; this one is split over devices")
+            return x.addressable_data(0)  # the copy on this process's first device; no transfer
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def fetch_replicated(tree):
+    """A replicated pytree as host numpy arrays (metrics after a step), on every process."""
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(local_replica(tree)))
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None, *, min_compile_secs: float = 1.0) -> None:
+    """Keep compiled XLA programs on disk so a rerun (a resume after a kill, the next config) skips compilation.
+
+    On CPU the first train step and the parameter initialisation take seconds to tens of seconds to compile (threefry
+    in particular); the cache brings a rerun's start-up down to loading. ``JAX_COMPILATION_CACHE_DIR`` in the
+    environment wins over ``directory``; ``None``/empty disables. The cached program is the one a fresh compile would
+    produce, so results are unchanged.
+    """
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
+    if not directory:
+        return
+    directory = os.path.expanduser(str(directory))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))

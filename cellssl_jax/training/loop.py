@@ -1,0 +1,247 @@
+"""The one training loop: data → sharded step → non-finite guard → logs → checkpoints, resuming by itself.
+
+``train_and_evaluate(config, workdir)`` is all ``train.py`` calls. A rerun of the same command on the same workdir
+restores the latest checkpoint (TrainState and the Grain iterator position) and continues; because the data order is
+a pure function of (seed, position) and XLA on one machine is deterministic, the resumed run ends with the same
+parameters, bit for bit, as one that was never interrupted (tests/test_training.py).
+
+Steps count batches. Under ``crop_steps='per_crop'`` one batch is ``n_crops`` optimizer updates; the learning-rate
+milestones are converted with that in mind (optimizer.py).
+
+Non-finite values: the step refuses to apply a non-finite update (step.py); the loop reads each step's metrics one
+step late (so the host does not stall the device) and stops with ``NonFiniteError`` naming the step and the quantity.
+The bad state is never saved: a checkpoint is written only after its step's metrics were read and found finite.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from cellssl_jax.models.convae import model_from_config
+from cellssl_jax.parallel import fetch_replicated, global_batch, local_replica, make_data_mesh
+from cellssl_jax.training.checkpoint import TrainCheckpointer
+from cellssl_jax.training.objectives.autoencoder import AutoencoderObjective
+from cellssl_jax.training.optimizer import host_learning_rate, make_optimizer
+from cellssl_jax.training.step import create_train_state, make_train_step, updates_per_batch
+from cellssl_jax.training.writers import MetricWriter, reconstruction_grid
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient; the run stopped and its last checkpoint is intact."""
+
+
+def run_plan(config, num_images: int) -> dict:
+    """Steps, epochs and optimizer updates a config implies for a data set of ``num_images``."""
+    batch_size = int(config.input.batch_size)
+    steps_per_epoch = num_images // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the data set has {num_images} images, fewer than one global batch of {batch_size}")
+    if config.get("total_steps"):
+        total_steps = int(config.total_steps)
+    elif config.get("num_epochs"):
+        total_steps = int(round(float(config.num_epochs) * steps_per_epoch))
+    else:
+        raise ValueError("the config needs num_epochs or total_steps")
+    n_crops = int(sum(config.input.nmb_crops))
+    upb = updates_per_batch(config.crop_steps, n_crops)
+    return {"num_images": num_images, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "n_crops": n_crops, "updates_per_batch": upb,
+            "updates_per_epoch": steps_per_epoch * upb}
+
+
+def saved_model_config(config) -> dict:
+    """The ``model`` section as stored with every checkpoint, plus the crop size the model was trained on."""
+    model_cfg = json.loads(config.model.to_json_best_effort())
+    model_cfg["image_size"] = int(config.input.size_crops[0])
+    return model_cfg
+
+
+def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint). Returns a summary dict.
+
+    ``source``: a random-access source to use instead of ``open_source(config.dataset_dir)`` (tests, notebooks).
+    """
+    from data_pipelines.input_pipeline import create_train_dataset  # the data room's face
+
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if source is None:
+        from data_pipelines.source import open_source
+
+        if not config.get("dataset_dir"):
+            raise ValueError(
+                "config.dataset_dir is empty; pass --config.dataset_dir=DIR (a data_pipelines.build output)")
+        source = open_source(config.dataset_dir)
+    _check_channels(config, source)
+    plan = run_plan(config, len(source))
+    mesh = make_data_mesh()
+    if plan["batch_size"] % mesh.size:
+        raise ValueError(f"input.batch_size={plan['batch_size']} must be a multiple of the {mesh.size} devices")
+
+    model = model_from_config(config.model)
+    optimizer, _ = make_optimizer(config.optimizer, updates_per_epoch=plan["updates_per_epoch"])
+    objective = AutoencoderObjective(model, config.loss)
+    train_step = make_train_step(model, optimizer, loss=config.loss, crop_steps=config.crop_steps, mesh=mesh,
+                                 objective=objective, scan_crops=bool(config.get("scan_crops", False)))
+    preview = jax.jit(objective.preview)
+
+    iterator = iter(create_train_dataset(source, config.input, seed=int(config.seed),
+                                         process_index=jax.process_index(), process_count=jax.process_count()))
+    config_record = json.loads(config.to_json_best_effort())
+    config_record["model"] = saved_model_config(config)
+    config_record["plan"] = plan
+
+    ck_cfg = config.checkpoint
+    checkpointer = TrainCheckpointer(workdir, keep=int(ck_cfg.keep), asynchronous=bool(ck_cfg.get("async", True)))
+    image_size = int(config.input.size_crops[0])
+    init = functools.partial(create_train_state, model, optimizer, int(config.seed), image_size=image_size)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        state, start_step = checkpointer.restore(jax.eval_shape(init), iterator, mesh=mesh)
+        _log_config_changes(checkpointer.saved_config(start_step), config_record, is_main)
+    else:
+        state, start_step = init(mesh=mesh), 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_record, indent=2))
+
+    total_steps = plan["total_steps"]
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    debug = config.get("debug") or {}
+    inject_nan_at = int(debug.get("inject_nan_at_step") or 0)
+    sleep_after_step = float(debug.get("sleep_after_step_s") or 0.0)
+    log_every, image_every = int(config.log_every), int(config.get("image_every") or 0)
+    every_steps = int(ck_cfg.every_steps)
+
+    window = _Window()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", unit="step",
+                    dynamic_ncols=True)
+    last_saved = start_step if start_step else None
+    pending = None  # (step, metrics) dispatched but not yet read back
+    summary = {"start_step": start_step, "total_steps": total_steps}
+
+    def record(step: int, metrics) -> None:
+        host = fetch_replicated(metrics)
+        if not bool(host["finite"]):
+            bad = [name for name, key in (("loss", "loss_finite"), ("gradient", "grad_finite")) if not host[key]]
+            where = f"latest good checkpoint: step {last_saved}" if last_saved is not None else "no checkpoint yet"
+            raise NonFiniteError(
+                f"step {step}: non-finite {' and '.join(bad)} (loss={float(host['loss'])}, "
+                f"grad_norm={float(host['grad_norm'])}); the update was not applied and nothing was saved after it "
+                f"({where} in {checkpointer.directory})")
+        window.add({k: float(v) for k, v in host.items() if not k.endswith("finite")})
+        summary["final_loss"] = float(host["loss"])
+        first = step == start_step + 1  # includes compilation: logged, but not timed
+        if first or step % log_every == 0 or step == total_steps:
+            row = window.flush(plan["batch_size"], timed=not first)
+            row["epoch"] = step / plan["steps_per_epoch"]
+            row["lr"] = host_learning_rate(config.optimizer, updates_per_epoch=plan["updates_per_epoch"],
+                                           count=(step - 1) * plan["updates_per_batch"])
+            if first:
+                row["first_step_s"] = summary["first_step_s"] = time.perf_counter() - t_start
+            writer.write(step, row)
+            if "images_per_s" in row:
+                summary["images_per_s"] = row["images_per_s"]
+            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row.get('images_per_s', 0):.1f}")
+
+    t_start = time.perf_counter()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            try:
+                local = next(iterator)
+            except StopIteration:
+                log.warning("the input stream ended at step %d (input.num_epochs is set); stopping", step - 1)
+                break
+            crops = tuple(local["crops"])
+            if step == inject_nan_at:  # debug switch: poison one pixel of this batch
+                crops = (_with_nan(crops[0]),) + crops[1:]
+            batch = global_batch({"crops": crops, **{k: local[k] for k in objective.batch_keys}}, mesh)
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                record(*pending)
+            pending = (step, metrics)
+            if step == start_step + 1 or step % every_steps == 0 or step == total_steps:
+                record(*pending)  # a checkpoint only of a state whose step was read back finite
+                pending = None
+                if step % every_steps == 0 or step == total_steps:
+                    checkpointer.save(step, state, iterator, config_record)
+                    last_saved = step
+            if is_main and image_every and step % image_every == 0:
+                _write_preview(writer, step, preview, state, crops[0])
+            progress.update(1)
+            if sleep_after_step:
+                time.sleep(sleep_after_step)
+        if pending is not None:
+            record(*pending)
+    finally:
+        progress.close()
+        checkpointer.close()  # waits for asynchronous saves of good states
+        writer.close()
+    summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, plan=plan)
+    return summary
+
+
+class _Window:
+    """Means of the step metrics (loss, gradient norm, the objective's aux) and throughput since the last log row."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.values: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+        self.timed_steps = 0
+
+    def add(self, scalars: dict[str, float]):
+        for name, value in scalars.items():
+            self.values.setdefault(name, []).append(value)
+        self.timed_steps += 1
+
+    def flush(self, batch_size: int, *, timed: bool = True) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        row = {name: float(np.mean(values)) for name, values in self.values.items()}
+        if timed and elapsed > 0:
+            row["images_per_s"] = self.timed_steps * batch_size / elapsed
+        self.restart()
+        return row
+
+
+def _with_nan(crops: np.ndarray) -> np.ndarray:
+    crops = np.array(crops, copy=True)
+    crops.reshape(-1)[0] = np.nan
+    return crops
+
+
+def _write_preview(writer: MetricWriter, step: int, preview, state, local_crops: np.ndarray, n: int = 8) -> None:
+    images = np.asarray(local_crops[:n], np.float32)
+    params = local_replica(state.params)
+    recon = np.asarray(preview(params, images))
+    writer.write_image(step, "reconstruction", reconstruction_grid(images, recon, max_images=n))
+
+
+def _check_channels(config, source) -> None:
+    shape = getattr(source, "image_shape", None)
+    if shape is None and len(source):
+        shape = np.asarray(source[0]["image"]).shape
+    channels = shape[-1] if shape is not None and len(shape) == 3 else 1
+    if int(config.model.in_channels) != channels:
+        raise ValueError(f"model.in_channels={config.model.in_channels} but the data set's images have {channels} "
+                         f"channel(s); set --config.model.in_channels={channels}")
+
+
+def _log_config_changes(saved: dict | None, current: dict, is_main: bool) -> None:
+    if not saved or not is_main:
+        return
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
