@@ -8,9 +8,9 @@ replicated. XLA inserts the gradient all-reduce; the function reads the same on 
 - ``"per_crop"`` (the paper): each crop-batch takes its own optimizer step, in order, each on the parameters the
   previous one produced: n updates per batch. The n updates are unrolled in the one program by default. With
   ``scan_crops=True`` crops of one size run as a ``lax.scan`` over one compiled body instead: half the compile time,
-  but on XLA:CPU (jax 0.10.2, this project's 2-core machine) the full ConvAE's 5 crop-steps at 64 px, batch 16, took
-  165-200 s a batch under ``scan`` against 16-25 s unrolled (same numbers to float rounding): convolutions inside a
-  while-loop body lose XLA:CPU's fast paths. Try scan on accelerators, where the loop body is the same kernels.
+  but on XLA:CPU (jax 0.10.2, this project's 2-core machine, loaded by other jobs, default XLA flags) the full
+  ConvAE's 5 crop-steps at 64 px, batch 16, took 165-200 s a batch under ``scan`` against 16-25 s unrolled:
+  convolutions inside a while-loop body lose XLA:CPU's fast paths. Try scan on accelerators, where the loop body is the same kernels.
 - ``"joint"``: the mean loss over all crops, one update per batch.
 
 Non-finite guard: an update is applied only when its loss and its gradient norm are finite. If any crop of the batch
