@@ -1,0 +1,138 @@
+"""Does the input pipeline make the training step wait? Time spent in ``next(iterator)`` per step, while training.
+
+    .venv/bin/python benchmarks/data_wait.py [--steps 6] [--batch 64] [--crop-steps per_crop|joint]
+                                             [--dataset DIR] [--formulation auto] [--no-hugepages]
+
+The loop is the training loop's (cellssl_jax/training/loop.py): ``next(iterator)`` → ``global_batch`` → the project's
+jitted step (dispatched asynchronously) → read back the PREVIOUS step's metrics, so the next batch is prepared while
+the device computes. Two runs of ``--steps`` steps after warm-up (compilation and the pipeline's first batch excluded):
+  with data     the default pipeline (``data_pipelines.input_pipeline.default_input_config()``: the paper's 5 crops,
+                augmentation, worker_count / read_threads as configured there) feeding each step;
+  compute only  the same loop on one batch fetched once (no ``next``).
+Reported: wait = time inside ``next(iterator)`` per step (median and mean), and the slowdown of the whole loop,
+(wall with data − wall compute only) / steps, which is the time the device stood idle waiting for data. With no
+worker processes or reader threads (the 2-core default) the batch is computed in ``next`` itself, on the same cores
+as the step: the wait is then the pipeline's full cost.
+
+Source: ``--dataset`` (a ``python -m data_pipelines.build`` folder, through ``data_pipelines.source.open_source``) or
+in-memory PNGs of 256×256 phase-contrast-like frames decoded per access (benchmarks/input_pipeline.py's source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cellssl_jax import platform  # noqa: E402  (XLA flags before the JAX backend starts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=64, help="global batch (input.batch_size)")
+    p.add_argument("--crop-steps", choices=["per_crop", "joint"], default="per_crop",
+                   help="per_crop (the paper and configs/common.py): 5 updates per batch; joint: one")
+    p.add_argument("--formulation", default="auto")
+    p.add_argument("--dataset", default="", help="a data_pipelines.build output folder (default: in-memory PNGs)")
+    p.add_argument("--images", type=int, default=512, help="distinct in-memory images (without --dataset)")
+    p.add_argument("--no-hugepages", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.no_hugepages and (env := platform.hugepage_malloc_env()) is not None:
+        print(f"restarting with {env}", flush=True)
+        platform.reexec_with(env)
+
+    import jax
+    import optax
+
+    from cellssl_jax.models.convae import ConvAE
+    from cellssl_jax.parallel import global_batch, make_data_mesh
+    from cellssl_jax.training.step import create_train_state, make_train_step
+    from data_pipelines import input_pipeline as ip
+
+    if args.dataset:
+        from data_pipelines.source import open_source
+
+        source, what = open_source(args.dataset), args.dataset
+    else:
+        from input_pipeline import InMemoryPngSource
+
+        source = InMemoryPngSource(args.images, length=max(args.images, 10_000))
+        what = f"{args.images} in-memory 256×256 PNGs ({source.texture})"
+    cfg = ip.default_input_config()
+    cfg.batch_size = args.batch
+    machine = platform.machine_description()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; backend {jax.default_backend()}; source: {what}")
+    print(f"pipeline: {sum(cfg.nmb_crops)} crops of {cfg.size_crops[0]} px, batch {cfg.batch_size}, "
+          f"worker_count={cfg.worker_count}, read_threads={cfg.read_threads}, "
+          f"prefetch_buffer_size={cfg.prefetch_buffer_size}; crop_steps={args.crop_steps}", flush=True)
+
+    mesh = make_data_mesh()
+    model = ConvAE(formulation=args.formulation)
+    tx = optax.adam(1e-3)
+    step = make_train_step(model, tx, loss="bce", crop_steps=args.crop_steps, mesh=mesh)
+    state = create_train_state(model, tx, 0, image_size=int(cfg.size_crops[0]), mesh=mesh)
+    iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
+
+    def to_device(local):
+        return global_batch({"crops": tuple(local["crops"])}, mesh)
+
+    t = time.perf_counter()
+    first = to_device(next(iterator))
+    state, metrics = step(state, first)
+    jax.block_until_ready(metrics)
+    print(f"warm-up (first batch + compilation): {time.perf_counter() - t:.1f} s", flush=True)
+
+    def loop(fetch):
+        nonlocal state
+        waits, pending = [], None
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            batch = fetch()
+            waits.append(time.perf_counter() - t)
+            state, metrics = step(state, batch)
+            if pending is not None:
+                jax.block_until_ready(pending)
+            pending = metrics
+        jax.block_until_ready(pending)
+        return time.perf_counter() - t0, waits
+
+    load_before = platform_load()
+    wall_data, waits = loop(lambda: to_device(next(iterator)))
+    wall_compute, _ = loop(lambda: first)
+    load_after = platform_load()
+    images = args.batch * args.steps
+    idle = max(0.0, wall_data - wall_compute) / args.steps
+    print(f"\nload average before/after: {load_before} / {load_after}")
+    print(f"wait in next(iterator) per step: median {1e3 * statistics.median(waits):.0f} ms, "
+          f"mean {1e3 * statistics.mean(waits):.0f} ms")
+    print(f"step wall: with data {1e3 * wall_data / args.steps:.0f} ms, compute only "
+          f"{1e3 * wall_compute / args.steps:.0f} ms; idle waiting for data {1e3 * idle:.0f} ms/step "
+          f"({100 * idle / (wall_data / args.steps):.0f}% of the step)")
+    print(f"throughput: {images / wall_data:.1f} images/s with data, {images / wall_compute:.1f} compute only "
+          f"(images = batch × steps; a per_crop step trains on each image {sum(cfg.nmb_crops)} times)")
+    return 0
+
+
+def platform_load() -> str:
+    import os
+
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
