@@ -91,6 +91,18 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
 # formulation="subpixel_vjp": hand-written backward passes and micro-batching must compute the plain model's function
 
 
+def _random_params(model, image_size, seed=0):
+    """Parameters of ``model``'s tree with PyTorch's init scale, from numpy: init_params compiles threefry, ~10-25 s."""
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_size))
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        fan_in = leaf.shape[-2] * 9 if leaf.ndim == 4 else 9
+        return jnp.asarray(rng.uniform(-1, 1, leaf.shape).astype(np.float32) / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map(fill, shapes)
+
+
 def _same_conv(x, kernel, bias):
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS) + bias
 
@@ -111,12 +123,18 @@ def test_each_hand_written_backward_matches_autodiff(layer, reference, cin, cout
     x = jax.random.normal(kx, (3, 6, 10, cin))  # odd batch, non-square image
     kernel = jax.random.normal(kk, (3, 3, cin, cout))
     bias = jax.random.normal(kb, (cout,))
-    y_ref, vjp_ref = jax.vjp(reference, x, kernel, bias)
-    y, vjp = jax.vjp(layer, x, kernel, bias)
-    assert y.shape == y_ref.shape == (3, 12 if upsample else 6, 20 if upsample else 10, cout)
+    out_shape = (3, 12 if upsample else 6, 20 if upsample else 10, cout)
+    dy = jax.random.normal(kd, out_shape)
+
+    @jax.jit
+    def forward_and_backward(x, kernel, bias, dy):
+        (y_ref, vjp_ref), (y, vjp) = jax.vjp(reference, x, kernel, bias), jax.vjp(layer, x, kernel, bias)
+        return y_ref, y, vjp_ref(dy), vjp(dy)
+
+    y_ref, y, cot_ref, cot = forward_and_backward(x, kernel, bias, dy)
+    assert y.shape == y_ref.shape == out_shape
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-4)
-    dy = jax.random.normal(kd, y.shape)
-    for name, got, want in zip(("input", "kernel", "bias"), vjp(dy), vjp_ref(dy)):
+    for name, got, want in zip(("input", "kernel", "bias"), cot, cot_ref):
         assert got.shape == want.shape and got.dtype == want.dtype, name
         scale = float(jnp.abs(want).max())
         assert float(jnp.abs(got - want).max()) <= 1e-5 * scale, name
@@ -130,13 +148,18 @@ def _bce_objective(formulation, micro_batch, x):
     return objective
 
 
+@pytest.fixture(scope="module")
+def plain_reference_128():
+    params = _random_params(ConvAE(), 128)
+    x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))
+    return params, x, jax.jit(jax.value_and_grad(_bce_objective("plain", None, x)))(params)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [0, 2])
-def test_subpixel_vjp_loss_and_gradients_match_plain(micro_batch):
+def test_subpixel_vjp_loss_and_gradients_match_plain(micro_batch, plain_reference_128):
     """The full model at 128×128: same loss and same gradient for every parameter, in slices of 2 images or whole."""
-    params = init_params(ConvAE(), jax.random.key(0))
-    x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))
-    l_plain, g_plain = jax.jit(jax.value_and_grad(_bce_objective("plain", None, x)))(params)
+    params, x, (l_plain, g_plain) = plain_reference_128
     l_fast, g_fast = jax.jit(jax.value_and_grad(_bce_objective("subpixel_vjp", micro_batch, x)))(params)
     assert abs(float(l_plain) - float(l_fast)) < 1e-6
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree_util.tree_leaves(g_fast)):
@@ -145,13 +168,17 @@ def test_subpixel_vjp_loss_and_gradients_match_plain(micro_batch):
 
 
 def test_subpixel_vjp_outputs_and_encoder_stages_match_plain_in_slices():
-    params = init_params(ConvAE(), jax.random.key(0), image_size=32)
+    params = _random_params(ConvAE(), 32)
     x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 1))
     plain, fast = ConvAE(formulation="plain"), ConvAE(formulation="subpixel_vjp", micro_batch=1)
-    np.testing.assert_allclose(np.asarray(fast.apply({"params": params}, x)),
-                               np.asarray(plain.apply({"params": params}, x)), atol=1e-6)
-    stages_plain = plain.apply({"params": params}, x, method="encode_layers")
-    stages_fast = fast.apply({"params": params}, x, method="encode_layers")
+
+    @jax.jit
+    def outputs(params):
+        return [(m.apply({"params": params}, x), m.apply({"params": params}, x, method="encode_layers"))
+                for m in (plain, fast)]
+
+    (y_plain, stages_plain), (y_fast, stages_fast) = outputs(params)
+    np.testing.assert_allclose(np.asarray(y_fast), np.asarray(y_plain), atol=1e-6)
     assert stages_plain.keys() == stages_fast.keys()
     for key in stages_plain:
         assert stages_fast[key].shape == stages_plain[key].shape, key
@@ -160,24 +187,24 @@ def test_subpixel_vjp_outputs_and_encoder_stages_match_plain_in_slices():
 
 
 def test_subpixel_vjp_works_for_other_channel_counts():
-    """A 5-channel model (no one-channel edge layers) in slices of 2, against plain."""
-    kw = dict(in_channels=5, encoder_widths=(16, 8, 8), latent_channels=3, decoder_widths=(8, 8, 16))
-    params = init_params(ConvAE(**kw), jax.random.key(0), image_size=16)
-    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 5))
+    """A 5-channel model (no one-channel edge layers) in one-image slices, against plain."""
+    kw = dict(in_channels=5, encoder_widths=(8, 6, 4), latent_channels=3, decoder_widths=(4, 6, 8))
+    params = _random_params(ConvAE(**kw), 8)
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 5))
 
     def loss(formulation, micro_batch):
         return lambda p: jnp.mean(ConvAE(formulation=formulation, micro_batch=micro_batch, **kw)
                                   .apply({"params": p}, x) ** 2)
 
-    g_plain = jax.grad(loss("plain", None))(params)
-    g_fast = jax.grad(loss("subpixel_vjp", 2))(params)
+    g_plain = jax.jit(jax.grad(loss("plain", None)))(params)
+    g_fast = jax.jit(jax.grad(loss("subpixel_vjp", 1)))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_fast)):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * (float(jnp.abs(a).max()) + 1e-12)
 
 
 def test_auto_picks_the_cpu_formulation_with_one_image_slices():
     model = ConvAE(formulation="auto")
-    params = init_params(model, jax.random.key(0), image_size=16)
+    params = _random_params(model, 16)
     bound = model.bind({"params": params})
     assert jax.default_backend() == "cpu"
     assert bound.resolved_formulation() == "subpixel_vjp" and bound.resolved_micro_batch() == 1
@@ -187,11 +214,11 @@ def test_auto_picks_the_cpu_formulation_with_one_image_slices():
 
 def test_micro_batch_must_divide_the_batch():
     model = ConvAE(formulation="subpixel_vjp", micro_batch=2)
-    params = init_params(model, jax.random.key(0), image_size=16)
+    params = _random_params(model, 16)
     with pytest.raises(ValueError, match="micro_batch=2 must divide the batch size 3"):
-        model.apply({"params": params}, jnp.zeros((3, 16, 16, 1)))
+        jax.eval_shape(model.apply, {"params": params}, jnp.zeros((3, 16, 16, 1)))
     with pytest.raises(ValueError, match="formulation must be one of"):
-        init_params(ConvAE(formulation="winograd"), jax.random.key(0), image_size=16)
+        jax.eval_shape(ConvAE(formulation="winograd").apply, {"params": params}, jnp.zeros((2, 16, 16, 1)))
 
 
 def test_subpixel_vjp_training_graph_has_only_canonical_convolutions_and_no_first_layer_input_gradient():
@@ -199,7 +226,7 @@ def test_subpixel_vjp_training_graph_has_only_canonical_convolutions_and_no_firs
     is NHWC/HWIO → NHWC (autodiff's weight gradients are left non-canonical in a loop body and run a naive loop), and
     the first layer's input gradient (nobody needs it) is gone."""
     model = ConvAE(formulation="subpixel_vjp", micro_batch=1)
-    params = init_params(model, jax.random.key(0), image_size=32)
+    params = _random_params(model, 32)
     x = jnp.ones((2, 32, 32, 1))
     hlo = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum())).lower(params).compile().as_text()
     convs = [line for line in hlo.splitlines() if " convolution(" in line]
@@ -211,10 +238,10 @@ def test_subpixel_vjp_training_graph_has_only_canonical_convolutions_and_no_firs
 
 def test_subpixel_vjp_bfloat16_keeps_float32_parameters_gradients_and_output():
     model = ConvAE(formulation="subpixel_vjp", micro_batch=1, dtype=jnp.bfloat16)
-    params = init_params(model, jax.random.key(0), image_size=32)
+    params = _random_params(model, 32)
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
-    y = model.apply({"params": params}, x)
-    y32 = ConvAE(formulation="plain").apply({"params": params}, x)
+    y = jax.jit(model.apply)({"params": params}, x)
+    y32 = jax.jit(ConvAE(formulation="plain").apply)({"params": params}, x)
     assert y.dtype == jnp.float32 and float(jnp.abs(y - y32).max()) < 0.05
-    grads = jax.grad(lambda p: model.apply({"params": p}, x).mean())(params)
+    grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).mean()))(params)
     assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))

@@ -182,24 +182,41 @@ def _conv3x3_bwd(res, dy):
 conv3x3_vjp.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def _tap_rows(img: jax.Array) -> jax.Array:
-    """One-channel [N, H, W, 1] → [9, N·H·W]: row 3i+j is the pixel each output position sees through tap (i, j)."""
-    n, h, w, _ = img.shape
+def _shifts(img: jax.Array, adjoint: bool) -> list[jax.Array]:
+    """The 9 shifted copies [N, H, W] of a one-channel image [N, H, W, 1], in tap order 3i+j.
+
+    Forward: copy 3i+j holds the pixel each output position (r, s) sees through tap (i, j), img[r+i-1, s+j-1].
+    Adjoint: copy 3i+j holds the output position each input pixel (p, q) reaches through tap (i, j),
+    img[p+1-i, q+1-j]. Zero outside the image in both.
+    """
+    _, h, w, _ = img.shape
     p = _pad1(img)[..., 0]
-    return jnp.stack([p[:, i:i + h, j:j + w].reshape(-1) for i in range(3) for j in range(3)])
+    if adjoint:
+        return [p[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
+    return [p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
 
 
-def _reach_rows(img: jax.Array) -> jax.Array:
-    """Adjoint of ``_tap_rows``' shifts: row 3i+j is the output position (p+1-i, q+1-j) that input (p, q) reaches."""
-    n, h, w, _ = img.shape
-    p = _pad1(img)[..., 0]
-    return jnp.stack([p[:, 2 - i:2 - i + h, 2 - j:2 - j + w].reshape(-1) for i in range(3) for j in range(3)])
+def _shift_rows(img: jax.Array, adjoint: bool) -> jax.Array:
+    """[9, N·H·W]: the shifted copies as rows (the left operand of a weight-gradient product)."""
+    return jnp.stack([s.reshape(-1) for s in _shifts(img, adjoint)])
+
+
+def _shift_cols(img: jax.Array, adjoint: bool) -> jax.Array:
+    """[N·H·W, 9]: the shifted copies as columns (im2col of a one-channel image)."""
+    return jnp.stack(_shifts(img, adjoint), axis=-1).reshape(-1, 9)
 
 
 @jax.custom_vjp
 def conv_from_one_channel_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """3×3 'same' convolution of a one-channel input (the first layer)."""
-    return _valid_conv(_pad1(x), kernel) + bias
+    """3×3 'same' convolution of a one-channel input (the first layer), as im2col [pixels, 9] @ [9, Co].
+
+    Eigen runs a convolution with one input channel at ~2 GFLOP/s (it is bound by writing the wide output); the
+    product with 9 columns is several times faster.
+    """
+    n, h, w, _ = x.shape
+    co = kernel.shape[-1]
+    y = _matmul32(_shift_cols(x, adjoint=False), kernel.reshape(9, co)).astype(x.dtype)
+    return y.reshape(n, h, w, co) + bias
 
 
 def _from1_fwd(x, kernel, bias):
@@ -208,7 +225,7 @@ def _from1_fwd(x, kernel, bias):
 
 def _from1_bwd(res, dy):
     x, kernel = res
-    taps = _tap_rows(x)
+    taps = _shift_rows(x, adjoint=False)
     taps_and_ones = jnp.concatenate([taps, jnp.ones((1, taps.shape[1]), taps.dtype)])  # [10, N·H·W]
     g = _matmul32(taps_and_ones, _rows(dy))  # [10, Co]: weight rows, then the bias
     dx = _valid_conv(_pad1(dy), _flip_io(kernel))  # removed by XLA when nobody asks for the input gradient
@@ -230,11 +247,11 @@ def _to1_fwd(x, kernel, bias):
 
 def _to1_bwd(res, dy):
     x, kernel = res
-    c = x.shape[-1]
-    dx = _valid_conv(_pad1(dy), _flip_io(kernel))
-    reach = _reach_rows(dy)  # [9, N·H·W]
-    dk = _matmul32(reach, _rows(x))  # [9, Ci]
-    return dx, dk.reshape(3, 3, c, 1).astype(kernel.dtype), jnp.sum(dy, dtype=jnp.float32)[None].astype(kernel.dtype)
+    n, h, w, c = x.shape
+    k9 = kernel.reshape(9, c)  # HWIO with O = 1: row 3i+j is tap (i, j)
+    dx = _matmul32(_shift_cols(dy, adjoint=True), k9).astype(x.dtype).reshape(x.shape)  # [pixels, 9] @ [9, Ci]
+    dk = _matmul32(_shift_rows(dy, adjoint=True), _rows(x))  # [9, Ci]
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype), jnp.sum(dy, dtype=jnp.float32)[None].astype(kernel.dtype)
 
 
 conv_to_one_channel_vjp.defvjp(_to1_fwd, _to1_bwd)
