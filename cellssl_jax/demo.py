@@ -178,7 +178,7 @@ def stage_temporal(run: Run, seed: int) -> dict:
         fom[f"{mode}: k ({summary.get('k_chosen_by', 'given')})"] = summary.get("chosen_k")
         for key, value in (score.get("recall") or {}).items():
             fom[f"{mode}: recall {key}"] = value
-        for png in sorted(out.glob("*.png")):
+        for png in sorted(out.rglob("*.png")):
             figures.append({"path": str(png.relative_to(run.dir)), "caption": f"{mode} features: {png.stem}"})
         if (out / "k_selection.csv").exists():
             tables.append({"title": f"k selection ({mode} features)", "path": f"temporal_{mode}/k_selection.csv"})
