@@ -1,7 +1,8 @@
 """Does the input pipeline make the training step wait? Time spent in ``next(iterator)`` per step, while training.
 
     .venv/bin/python benchmarks/data_wait.py [--steps 6] [--batch 64] [--crop-steps per_crop|joint]
-                                             [--dataset DIR] [--formulation auto] [--no-hugepages]
+                                             [--dataset DIR] [--formulation auto] [--workers N] [--read-threads N]
+                                             [--dtype float32|bfloat16] [--no-hugepages]
 
 The loop is the training loop's (cellssl_jax/training/loop.py): ``next(iterator)`` → ``global_batch`` → the project's
 jitted step (dispatched asynchronously) → read back the PREVIOUS step's metrics, so the next batch is prepared while
@@ -9,8 +10,10 @@ the device computes. Two runs of ``--steps`` steps after warm-up (compilation an
   with data     the default pipeline (``data_pipelines.input_pipeline.default_input_config()``: the paper's 5 crops,
                 augmentation, worker_count / read_threads as configured there) feeding each step;
   compute only  the same loop on one batch fetched once (no ``next``).
-Reported: wait = time inside ``next(iterator)`` per step (median and mean), and the slowdown of the whole loop,
-(wall with data − wall compute only) / steps, which is the time the device stood idle waiting for data. With no
+Reported: wait = time inside ``next(iterator)`` per step (median, mean, max: the pipeline was not ready), the
+host-to-device transfer of the batch, and the slowdown of the whole loop, (wall with data − wall compute only) / steps:
+on an accelerator the time it stood idle for data; on a CPU also the pipeline's CPU use slowing the step. The two loops
+alternate in halves so that a change of machine load hits both alike. With no
 worker processes or reader threads (the 2-core default) the batch is computed in ``next`` itself, on the same cores
 as the step: the wait is then the pipeline's full cost.
 
@@ -42,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--formulation", default="auto")
     p.add_argument("--dataset", default="", help="a data_pipelines.build output folder (default: in-memory PNGs)")
     p.add_argument("--images", type=int, default=512, help="distinct in-memory images (without --dataset)")
+    p.add_argument("--workers", type=int, default=None, help="override input.worker_count (default: the config's)")
+    p.add_argument("--read-threads", type=int, default=None, help="override input.read_threads")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="ConvAE compute dtype")
     p.add_argument("--no-hugepages", action="store_true")
     return p.parse_args(argv)
 
@@ -71,14 +77,18 @@ def main(argv=None) -> int:
         what = f"{args.images} in-memory 256×256 PNGs ({source.texture})"
     cfg = ip.default_input_config()
     cfg.batch_size = args.batch
+    if args.workers is not None:
+        cfg.worker_count = args.workers
+    if args.read_threads is not None:
+        cfg.read_threads = args.read_threads
     machine = platform.machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; backend {jax.default_backend()}; source: {what}")
     print(f"pipeline: {sum(cfg.nmb_crops)} crops of {cfg.size_crops[0]} px, batch {cfg.batch_size}, "
           f"worker_count={cfg.worker_count}, read_threads={cfg.read_threads}, "
-          f"prefetch_buffer_size={cfg.prefetch_buffer_size}; crop_steps={args.crop_steps}", flush=True)
+          f"prefetch_buffer_size={cfg.prefetch_buffer_size}; crop_steps={args.crop_steps}; {args.dtype}", flush=True)
 
     mesh = make_data_mesh()
-    model = ConvAE(formulation=args.formulation)
+    model = ConvAE(formulation=args.formulation, dtype=args.dtype)
     tx = optax.adam(1e-3)
     step = make_train_step(model, tx, loss="bce", crop_steps=args.crop_steps, mesh=mesh)
     state = create_train_state(model, tx, 0, image_size=int(cfg.size_crops[0]), mesh=mesh)
@@ -94,32 +104,48 @@ def main(argv=None) -> int:
     print(f"warm-up (first batch + compilation): {time.perf_counter() - t:.1f} s", flush=True)
 
     def loop(fetch):
+        """Steps fed by fetch() (a host batch, or None: reuse the first); returns wall, next() waits, transfer times."""
         nonlocal state
-        waits, pending = [], None
+        waits, puts, pending = [], [], None
         t0 = time.perf_counter()
         for _ in range(args.steps):
             t = time.perf_counter()
-            batch = fetch()
-            waits.append(time.perf_counter() - t)
+            local = fetch()
+            t1 = time.perf_counter()
+            batch = first if local is None else to_device(local)
+            waits.append(t1 - t)
+            puts.append(time.perf_counter() - t1)
             state, metrics = step(state, batch)
             if pending is not None:
                 jax.block_until_ready(pending)
             pending = metrics
         jax.block_until_ready(pending)
-        return time.perf_counter() - t0, waits
+        return time.perf_counter() - t0, waits, puts
 
+    # Alternate the two loops in halves (data, compute, data, compute) so a change of machine load hits both alike.
+    half = max(1, args.steps // 2)
+    steps, args.steps = args.steps, half
     load_before = platform_load()
-    wall_data, waits = loop(lambda: to_device(next(iterator)))
-    wall_compute, _ = loop(lambda: first)
+    wall_data = wall_compute = 0.0
+    waits, puts = [], []
+    for _ in range(2):
+        w, ws, ps = loop(lambda: next(iterator))
+        wall_data, waits, puts = wall_data + w, waits + ws, puts + ps
+        w, _, _ = loop(lambda: None)
+        wall_compute += w
     load_after = platform_load()
+    args.steps = 2 * half
     images = args.batch * args.steps
     idle = max(0.0, wall_data - wall_compute) / args.steps
-    print(f"\nload average before/after: {load_before} / {load_after}")
-    print(f"wait in next(iterator) per step: median {1e3 * statistics.median(waits):.0f} ms, "
-          f"mean {1e3 * statistics.mean(waits):.0f} ms")
+    print(f"\nload average before/after: {load_before} / {load_after}; {args.steps} steps each way "
+          f"(asked {steps}), in alternating halves")
+    print(f"wait in next(iterator) per step (the pipeline not ready): median {1e3 * statistics.median(waits):.1f} ms, "
+          f"mean {1e3 * statistics.mean(waits):.1f} ms, max {1e3 * max(waits):.1f} ms")
+    print(f"host-to-device transfer (global_batch) per step: median {1e3 * statistics.median(puts):.1f} ms")
     print(f"step wall: with data {1e3 * wall_data / args.steps:.0f} ms, compute only "
-          f"{1e3 * wall_compute / args.steps:.0f} ms; idle waiting for data {1e3 * idle:.0f} ms/step "
-          f"({100 * idle / (wall_data / args.steps):.0f}% of the step)")
+          f"{1e3 * wall_compute / args.steps:.0f} ms; difference {1e3 * idle:.0f} ms/step "
+          f"({100 * idle / (wall_data / args.steps):.0f}% of the step; on a loaded CPU this includes the pipeline's "
+          f"CPU use slowing the step)")
     print(f"throughput: {images / wall_data:.1f} images/s with data, {images / wall_compute:.1f} compute only "
           f"(images = batch × steps; a per_crop step trains on each image {sum(cfg.nmb_crops)} times)")
     return 0

@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--minimal-step", action="store_true", help="also time a bare Adam+BCE step (no metrics/guards)")
     p.add_argument("--ynn", action="store_true", help="also time the first formulation with YNNPACK on")
     p.add_argument("--inference-batch", type=int, default=256)
+    p.add_argument("--steps-per-call", type=int, default=None,
+                   help="steps (or encoder calls) per timed call, synchronised once at the end: keeps host dispatch "
+                        "and the sync out of an accelerator's timing (default: 1 on CPU, 10 on an accelerator)")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--no-hugepages", action="store_true")
     args = p.parse_args(argv)
@@ -181,17 +184,28 @@ def jax_encoder_variants(args, batch: int):
 
 
 def matmul_peak_gflops(dtype: str) -> tuple[float, str]:
-    """The best of 3 timed square matmuls (XLA dot) in this run: 8192³ bf16 on an accelerator, 2048³ f32 on CPU."""
+    """Square matmuls (XLA dot) on random data in this run: 8192³ bf16 on an accelerator (10 back to back per timing,
+    one sync, so dispatch and clock ramp-up stay out), 2048³ f32 on CPU; the best of 5 timings."""
     import jax
     import jax.numpy as jnp
 
     on_cpu = jax.default_backend() == "cpu"
-    n, dt_ = (2048, jnp.float32) if on_cpu else (8192, jnp.bfloat16)
-    a = jnp.ones((n, n), dt_)
+    n, dt_, k = (2048, jnp.float32, 1) if on_cpu else (8192, jnp.bfloat16, 10)
+    # random, not constant, operands: on a GPU a product of zeros or ones runs measurably faster (less switching power)
+    a = jax.random.normal(jax.random.key(0), (n, n), dt_)
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
-    best = min(timed_once(lambda: mm(a), jax.block_until_ready) for _ in range(3))
-    return 2 * n**3 / best / 1e9, f"{n}³ {jnp.dtype(dt_).name} XLA dot"
+
+    def many():
+        out = None
+        for _ in range(k):
+            out = mm(a)
+        return out
+
+    for _ in range(2):  # warm-up: clocks up
+        many().block_until_ready()
+    best = min(timed_once(many, jax.block_until_ready) for _ in range(5))
+    return 2 * n**3 * k / best / 1e9, f"{n}³ {jnp.dtype(dt_).name} XLA dot, random data"
 
 
 # ------------------------------------------------------------------------------------------------------------ PyTorch
@@ -293,6 +307,22 @@ def timed_once(call, sync) -> float:
     return time.perf_counter() - t
 
 
+def repeated(variants: dict, k: int) -> dict:
+    """Each call runs k steps back to back (one sync at the end, by the caller)."""
+    if k == 1:
+        return variants
+
+    def many(call):
+        def run():
+            out = None
+            for _ in range(k):
+                out = call()
+            return out
+        return run
+
+    return {name: (many(call), sync) for name, (call, sync) in variants.items()}
+
+
 def warm_up(variants: dict) -> dict:
     """First call of each (compilation); drops variants whose first call fails, with the reason."""
     kept = {}
@@ -362,6 +392,15 @@ def main(argv=None) -> int:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {torch_device}")
     print(f"date: {date}\ncommand: {command}\nload average (1/5/15 min) at start: {load_average()}", flush=True)
 
+    if args.steps_per_call is None:
+        args.steps_per_call = 1 if backend == "cpu" else 10
+    if backend != "cpu":
+        try:
+            import torch
+
+            torch.backends.cudnn.benchmark = True  # the reference at its best: cuDNN picks its fastest algorithms
+        except ImportError:
+            pass
     peak, peak_what = matmul_peak_gflops(args.dtype)
     print(f"matmul peak in this run: {peak:.0f} GFLOP/s ({peak_what})", flush=True)
 
@@ -375,7 +414,7 @@ def main(argv=None) -> int:
                 eager[f"torch {layout} eager"] = (torch_train_call(args, layout, batch, torch_device),
                                                   torch_sync(torch_device))
         variants.update(eager)
-        variants = warm_up(variants)
+        variants = warm_up(repeated(variants, args.steps_per_call))
         if torch_ok and "compile" in args.torch:
             eager_alive = [n for n in eager if n in variants]
             if eager_alive:
@@ -388,14 +427,14 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     with_timeout(lambda: (sync(call()), sync(call())), args.compile_timeout)
                     print(f"  {name}: compiled and warmed up in {time.perf_counter() - t:.1f} s", flush=True)
-                    variants[name] = (call, sync)
+                    variants.update(repeated({name: (call, sync)}, args.steps_per_call))
                 except Exception as err:  # noqa: BLE001 - inductor needs a compiler etc.; report and go on
                     print(f"  {name}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:200]})", flush=True)
         print(f"  load average before timing: {load_average()}", flush=True)
         times = interleaved_medians(variants, args.repeats)
         print(f"  load average after timing: {load_average()}", flush=True)
         for name, ts in times.items():
-            rows.append(("train", batch, name, statistics.median(ts), ts))
+            rows.append(("train", batch, name, statistics.median(ts) / args.steps_per_call, ts))
         del variants
 
     if not args.skip_inference:
@@ -406,12 +445,12 @@ def main(argv=None) -> int:
             for layout in [t for t in args.torch if t in ("nchw", "channels_last")]:
                 variants[f"torch {layout} eager encode"] = (torch_encode_call(args, layout, batch, torch_device),
                                                             torch_sync(torch_device))
-        variants = warm_up(variants)
+        variants = warm_up(repeated(variants, args.steps_per_call))
         print(f"  load average before timing: {load_average()}", flush=True)
         times = interleaved_medians(variants, args.repeats)
         print(f"  load average after timing: {load_average()}", flush=True)
         for name, ts in times.items():
-            rows.append(("encode", batch, name, statistics.median(ts), ts))
+            rows.append(("encode", batch, name, statistics.median(ts) / args.steps_per_call, ts))
 
     report(rows, args, machine, backend, date, command, peak, peak_what)
     return 0
@@ -439,7 +478,8 @@ def report(rows, args, machine, backend, date, command, peak, peak_what):
         print(f"best PyTorch for {section} at batch {batch}: {name} ({ips:.1f} images/s)")
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB RAM; backend {backend}; "
           f"jaxlib {machine['jaxlib']}; XLA_FLAGS `{machine['xla_flags']}`; GLIBC_TUNABLES "
-          f"`{machine['glibc_tunables'] or '(unset)'}`; {args.dtype}; median of {args.repeats}, interleaved")
+          f"`{machine['glibc_tunables'] or '(unset)'}`; {args.dtype}; median of {args.repeats}, interleaved; "
+          f"{args.steps_per_call} step(s) per timed call")
     print(f"matmul peak in the same run: {peak:.0f} GFLOP/s ({peak_what})")
     print(f"date: {date}; load average at the end: {load_average()}")
     print(f"command: `{command}`")

@@ -77,10 +77,12 @@ def default_input_config() -> ml_collections.ConfigDict:
     cfg.contrast = 0.0
     cfg.shuffle = True
     cfg.num_epochs = config_dict.placeholder(int)  # None: repeat forever
-    # Parallelism. Defaults suit a 2-core machine (platform_notes "Grain"): no worker processes, no reader threads.
+    # Parallelism. Defaults suit a 2-core machine (platform_notes "Grain"): no worker processes (they cost ~1 s to start
+    # and a core each), one reader thread that prepares the next batches while the step runs, so the step does not wait
+    # (benchmarks/data_wait.py; BENCHMARKS.md). On a GPU host raise worker_count (e.g. 12 of 16 cores).
     cfg.worker_count = 0  # grain worker processes (mp_prefetch); each computes whole batches
     cfg.worker_buffer_size = 2  # batches buffered per worker
-    cfg.read_threads = 0  # threads per process computing batches (the kernels release the GIL)
+    cfg.read_threads = 1  # threads per process computing batches ahead of the step (the kernels release the GIL)
     cfg.prefetch_buffer_size = 2  # batches prefetched by those threads
     return cfg
 

@@ -20,7 +20,12 @@ Formulations of the same function (``formulation``), all with the same parameter
   (GPU/TPU, where XLA's own backward convolutions are good).
 - ``"subpixel_vjp"``: the sub-pixel math with hand-written backward passes (``jax.custom_vjp``) shaped for XLA:CPU; see
   "Backward passes for XLA:CPU" below for what each one avoids.
-- ``"auto"``: ``"subpixel_vjp"`` on CPU, ``"subpixel"`` elsewhere (decided when the function is traced).
+- ``"plain_1ch"``: ``"plain"`` with the one-channel first and last layers as matrix products over shifted copies (their
+  custom VJPs below). Meant for GPUs: on an H200 in bf16 at batch 256 the first layer (1→128 at 128²) alone took 2.9 ms
+  of a ~15 ms step, ~7 TFLOP/s (benchmarks/layer_profile.py, BENCHMARKS.md), where reading and writing its tensors once
+  would take ~0.5 ms. Not yet timed on a GPU as a whole step.
+- ``"auto"``: ``"subpixel_vjp"`` on CPU, ``"plain"`` elsewhere (decided when the function is traced; on an H200 in bf16
+  the plain form's step was 5% faster than the sub-pixel form's and 22% faster than ``subpixel_vjp``'s).
 
 ``micro_batch``: ``encode`` and ``decode_logits`` run over the batch in slices of this many images (``lax.map``), so
 every intermediate of one slice stays in the CPU caches (one 128×128×128 float32 activation is 8 MB per image; the
@@ -43,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "auto")
+FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "auto")
 
 # Rows of the 2-tap kernels that a 3-tap kernel collapses to after a nearest ×2 upsample, per output phase.
 # Output row 2i+0 reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i  → taps (K0, K1+K2) over rows (i-1, i).
@@ -107,17 +112,24 @@ def upsample_conv_subpixel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 # Backward passes for XLA:CPU (formulation "subpixel_vjp")
 #
-# What autodiff of the sub-pixel form costs on XLA:CPU, measured per op in a profile of the training step:
+# What autodiff of the sub-pixel form cost on XLA:CPU, per op in profiles of the training step (BENCHMARKS.md):
 # - each weight-gradient convolution is preceded by copies of its input and output gradient to [C, H, W, N] / [H, W, N,
-#   C] (batch innermost); XLA:CPU emits those transposes at 0.1–2 GB/s. Written out below as canonical NHWC/HWIO
-#   convolutions, which also keeps them canonical inside a loop (micro-batching), where XLA does not canonicalise;
-# - the first layer (1 input channel) and the last (1 output channel) are convolutions with one channel on one side:
-#   Eigen runs them as matrix-vector work over the widest activation. Their weight gradients are written as one
-#   [9 (+1), pixels] @ [pixels, C] matrix product on shifted copies of the one-channel side instead (>10× faster);
-# - bias gradients: XLA lowers a sum over (N, H, W) to a slow reduce-window; ones @ rows is a plain matrix product and,
-#   for the one-channel layers, rides along in the weight-gradient product as an extra row of ones;
+#   C] (batch innermost), which XLA:CPU emits at 0.1–2 GB/s. Within one-image slices (``micro_batch``) those copies are
+#   2-D transposes of cache-resident data; the convolution is written out with canonical NHWC/HWIO dimensions, which
+#   keeps it canonical inside the slice loop, where XLA does not canonicalise;
+# - the first layer (1 input channel) and the last (1 output channel) are convolutions with one channel on one side,
+#   which Eigen runs as matrix-vector work over the widest activation. Written as products with 9 (+1) columns or rows
+#   of shifted copies of the one-channel side: im2col [pixels, 9] @ [9, C] for the first layer's output and the last
+#   layer's input gradient, [9 (+1), pixels] @ [pixels, C] for both weight gradients (4–13× faster than the
+#   convolutions measured alone);
+# - bias gradients: XLA lowers a sum over (N, H, W) to a reduce-window that ran at ~2.6 GB/s; ones @ rows is a plain
+#   matrix product (4× faster) and, for the first layer, rides along in the weight-gradient product as a row of ones;
 # - the two sub-pixel upsampling layers: one 2×2 convolution with all four phases as 4·Co output channels (one large
-#   product instead of four), and its input gradient as one convolution of the de-interleaved output gradient.
+#   product instead of four), its input gradient one convolution of the de-interleaved output gradient, its weight
+#   gradient one convolution instead of four (each with its own copies).
+# Tried and dropped (same process, interleaved): Winograd F(2×2,3×3) / F(3×3,2×2) for the two big layers (half the
+# multiplies, but XLA's batched products and transforms made them no faster), im2col products for the middle layers
+# (no faster than Eigen's convolution), YNNPACK (slower).
 # All products accumulate in float32 (``preferred_element_type``) whatever the compute dtype.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -349,10 +361,10 @@ class ConvAE(nn.Module):
         return ((self.latent_channels, d[0]), (d[0], d[1]), (d[1], d[2]), (d[2], self.in_channels))
 
     def resolved_formulation(self) -> str:
-        """The formulation actually run: ``auto`` becomes ``subpixel_vjp`` on CPU and ``subpixel`` elsewhere."""
+        """The formulation actually run: ``auto`` becomes ``subpixel_vjp`` on CPU and ``plain`` elsewhere."""
         if self.formulation != "auto":
             return self.formulation
-        return "subpixel_vjp" if jax.default_backend() == "cpu" else "subpixel"
+        return "subpixel_vjp" if jax.default_backend() == "cpu" else "plain"
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""
@@ -375,8 +387,9 @@ class ConvAE(nn.Module):
         x = x.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda xs: _encode_layers_vjp(xs, layers), x, self.resolved_micro_batch())
-        conv = _conv_reference if formulation == "plain" else _conv
-        b1 = max_pool_2x2(nn.relu(conv(x, *layers[0])))
+        conv = _conv_reference if formulation in ("plain", "plain_1ch") else _conv
+        first = conv_from_one_channel_vjp if formulation == "plain_1ch" and x.shape[-1] == 1 else conv
+        b1 = max_pool_2x2(nn.relu(first(x, *layers[0])))
         b2 = max_pool_2x2(nn.relu(conv(b1, *layers[1])))
         b3 = nn.relu(conv(b2, *layers[2]))
         return {"block1": b1, "block2": b2, "block3": b3, "latent": conv(b3, *layers[3])}
@@ -387,11 +400,13 @@ class ConvAE(nn.Module):
         z = z.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda zs: _decode_logits_vjp(zs, layers), z, self.resolved_micro_batch())
-        if formulation == "plain":
+        if formulation in ("plain", "plain_1ch"):
             x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
             x = upsample_nearest_2x(nn.relu(_conv_reference(x, *layers[1])))
             x = nn.relu(_conv_reference(x, *layers[2]))
-            return _conv_reference(x, *layers[3]).astype(jnp.float32)
+            one_channel = formulation == "plain_1ch" and layers[3][0].shape[-1] == 1
+            last = conv_to_one_channel_vjp if one_channel else _conv_reference
+            return last(x, *layers[3]).astype(jnp.float32)
         x = nn.relu(_conv(z, *layers[0]))
         x = nn.relu(upsample_conv_subpixel(x, *layers[1]))
         x = nn.relu(upsample_conv_subpixel(x, *layers[2]))

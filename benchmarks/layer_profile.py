@@ -1,0 +1,147 @@
+"""Where the ConvAE's training step spends its time: each layer's forward and forward+backward, timed alone.
+
+    .venv/bin/python benchmarks/layer_profile.py [--batch 256] [--dtype bfloat16|float32] [--forms plain subpixel]
+        [--steps-per-call N] [--repeats 5]
+
+Each of the paper's eight 3×3 convolutions (with its bias and ReLU; the two that follow a ×2 nearest upsampling with
+it, in the plain form and in the sub-pixel form of cellssl_jax.models.convae) is jitted alone at the shapes of a
+128×128 training step, and timed: forward, and the training work (forward + weight/bias gradients + input gradient,
+which the first layer does not need). Reported per layer: milliseconds per call, the layer's model FLOPs (as
+benchmarks/train_throughput.py counts them: the plain form's) and the TFLOP/s they amount to, the layer's share of the
+sum, and on an accelerator the fraction of a bf16 matmul peak measured in the same run. The sum of the training work
+against the whole step of train_throughput.py shows what the rest (pooling, loss, Adam, copies) costs.
+Writes nothing; prints a markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cellssl_jax import platform  # noqa: E402,F401  (XLA flags before the JAX backend starts)
+
+# name, input side (pixels), in channels, out channels, upsampled x2 before the conv, ReLU after
+LAYERS = (
+    ("enc1 1→128 @128²", 128, 1, 128, False, True),
+    ("enc2 128→64 @64²", 64, 128, 64, False, True),
+    ("enc3 64→32 @32²", 32, 64, 32, False, True),
+    ("enc4 32→4 @32²", 32, 32, 4, False, False),
+    ("dec1 4→32 @32²", 32, 4, 32, False, True),
+    ("dec2 up+32→64 @64²", 32, 32, 64, True, True),
+    ("dec3 up+64→128 @128²", 64, 64, 128, True, True),
+    ("dec4 128→1 @128²", 128, 128, 1, False, False),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--forms", nargs="+", default=["plain", "subpixel"], choices=["plain", "subpixel"],
+                   help="how the two upsampling layers are written (the others are the same in both)")
+    p.add_argument("--steps-per-call", type=int, default=None, help="default: 1 on CPU, 20 on an accelerator")
+    p.add_argument("--repeats", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def layer_fn(form: str, up: bool, relu: bool):
+    import jax
+    import jax.numpy as jnp
+
+    from cellssl_jax.models.convae import _conv_reference as _conv, upsample_conv_subpixel, upsample_nearest_2x
+
+    def f(x, kernel, bias):
+        if up and form == "subpixel":
+            y = upsample_conv_subpixel(x, kernel, bias)
+        else:
+            y = _conv(upsample_nearest_2x(x) if up else x, kernel, bias)
+        return jax.nn.relu(y) if relu else y
+
+    def train(x, kernel, bias, cotangent, need_input_grad: bool):
+        y, vjp = jax.vjp(lambda x, k, b: f(x, k, b), x, kernel, bias)
+        dx, dk, db = vjp(cotangent.astype(y.dtype))
+        return (dx if need_input_grad else jnp.zeros((), x.dtype)), dk, db
+
+    return f, train
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from train_throughput import matmul_peak_gflops, timed_once
+
+    backend = jax.default_backend()
+    k = args.steps_per_call or (1 if backend == "cpu" else 20)
+    dtype = jnp.dtype(args.dtype)
+    peak, peak_what = matmul_peak_gflops(args.dtype)
+    print(f"backend {backend} {[d.device_kind for d in jax.devices()]}; jax {jax.__version__}; batch {args.batch}; "
+          f"{args.dtype}; {k} call(s) per timing, median of {args.repeats}; matmul peak {peak / 1e3:.0f} TFLOP/s "
+          f"({peak_what}); {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", flush=True)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, side, ci, co, up, relu in LAYERS:
+        out_side = side * 2 if up else side
+        fwd_flop = 2 * 9 * ci * co * out_side**2 * args.batch
+        first = name.startswith("enc1")
+        train_flop = fwd_flop * (2 if first else 3)
+        x = jnp.asarray(rng.random((args.batch, side, side, ci), np.float32), dtype)
+        kernel = jnp.asarray(rng.normal(0, 0.05, (3, 3, ci, co)).astype(np.float32), dtype)
+        bias = jnp.zeros((co,), dtype)
+        cot = jnp.asarray(rng.normal(size=(args.batch, out_side, out_side, co)).astype(np.float32), dtype)
+        for form in (args.forms if up else args.forms[:1]):
+            f, train = layer_fn(form, up, relu)
+            jf = jax.jit(f)
+            jt = jax.jit(train, static_argnums=4)
+
+            def many(fn):
+                def run():
+                    out = None
+                    for _ in range(k):
+                        out = fn()
+                    return out
+                return run
+
+            calls = {"forward": many(lambda: jf(x, kernel, bias)),
+                     "train": many(lambda: jt(x, kernel, bias, cot, not first))}
+            for call in calls.values():
+                jax.block_until_ready(call())
+            times = {what: [] for what in calls}
+            for _ in range(args.repeats):
+                for what, call in calls.items():
+                    times[what].append(timed_once(call, jax.block_until_ready) / k)
+            label = name + (f" ({form})" if up else "")
+            fwd_s, train_s = statistics.median(times["forward"]), statistics.median(times["train"])
+            rows.append((label, fwd_s, train_s, fwd_flop, train_flop, form))
+            print(f"  {label}: forward {1e3 * fwd_s:.3f} ms, train {1e3 * train_s:.3f} ms", flush=True)
+
+    for form in args.forms:
+        chosen = [r for r in rows if r[5] == form or "(" not in r[0]]
+        total = sum(r[2] for r in chosen)
+        print(f"\n== {form} form: training work of the 8 layers alone, batch {args.batch}, {args.dtype}")
+        print("| layer | forward ms | train ms | share of train | model TFLOP/s (train) | of matmul peak |")
+        print("|---|---|---|---|---|---|")
+        for label, fwd_s, train_s, _, train_flop, _ in chosen:
+            tflops = train_flop / train_s / 1e12
+            print(f"| {label} | {1e3 * fwd_s:.3f} | {1e3 * train_s:.3f} | {100 * train_s / total:.0f}% | "
+                  f"{tflops:.2f} | {100 * tflops * 1e3 / peak:.0f}% |")
+        flop = sum(r[4] for r in chosen)
+        print(f"| sum | {1e3 * sum(r[1] for r in chosen):.3f} | {1e3 * total:.3f} | 100% | {flop / total / 1e12:.2f} | "
+              f"{100 * flop / total / 1e9 / peak:.0f}% |")
+        print(f"images/s if the step were only these layers: {args.batch / total:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
