@@ -4,9 +4,11 @@
 #     OUT=/tmp/gpu_logs bash benchmarks/gpu_session.sh [python]
 #
 # Each part runs under its own time limit and writes its log to $OUT/<part>.log, so a part that hangs or fails costs
-# only its own figures. Parts: environment; the training step and encoder inference in bf16 at batch 256 and 1024 against
-# PyTorch eager NCHW / channels_last and torch.compile; batch 64 in bf16; float32 at batch 256; then the data-wait
-# measurement (the default Grain pipeline with worker processes feeding the bf16 step). Python packages that the
+# only its own figures. Parts: environment; the training step (formulations auto = plain, plain_1ch, subpixel) and
+# encoder inference in bf16 at batch 256 against PyTorch eager NCHW / channels_last and torch.compile; batch 64 in bf16;
+# float32 at batch 256; the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
+# processes feeding the bf16 step). About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
+# added ~50 s of XLA autotuning per formulation, so it is left out here). Python packages that the
 # machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present.
 set -u
 PY=${1:-python3}
@@ -31,11 +33,13 @@ part() {  # part NAME SECONDS COMMAND...
 part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; \
   $PY -c 'import jax, flax, optax, torch, numpy; print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \
   \"optax\", optax.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__)'"
-part train_bf16 240 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 256 1024 \
-  --formulations auto plain --torch nchw channels_last compile --compile-timeout 120 --repeats 5
+part train_bf16 200 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 256 \
+  --formulations auto plain_1ch subpixel --torch nchw channels_last compile --compile-timeout 60 --repeats 5 \
+  --inference-batch 1024
 part train_bf16_b64 90 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 64 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
 part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
+part layers 60 $PY benchmarks/layer_profile.py --batch 256
 part data_wait 100 $PY benchmarks/data_wait.py --batch 256 --steps 12 --workers 12 --dtype bfloat16 \
   --crop-steps per_crop --images 512

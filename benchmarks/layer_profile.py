@@ -6,7 +6,8 @@
 Each of the paper's eight 3×3 convolutions (with its bias and ReLU; the two that follow a ×2 nearest upsampling with
 it, in the plain form and in the sub-pixel form of cellssl_jax.models.convae) is jitted alone at the shapes of a
 128×128 training step, and timed: forward, and the training work (forward + weight/bias gradients + input gradient,
-which the first layer does not need). Reported per layer: milliseconds per call, the layer's model FLOPs (as
+which the first layer does not need); the two one-channel layers also as the matrix products of formulation
+``plain_1ch`` ("matmul"). Reported per layer: milliseconds per call, the layer's model FLOPs (as
 benchmarks/train_throughput.py counts them: the plain form's) and the TFLOP/s they amount to, the layer's share of the
 sum, and on an accelerator the fraction of a bf16 matmul peak measured in the same run. The sum of the training work
 against the whole step of train_throughput.py shows what the rest (pooling, loss, Adam, copies) costs.
@@ -56,10 +57,14 @@ def layer_fn(form: str, up: bool, relu: bool):
     import jax
     import jax.numpy as jnp
 
-    from cellssl_jax.models.convae import _conv_reference as _conv, upsample_conv_subpixel, upsample_nearest_2x
+    from cellssl_jax.models.convae import _conv_reference as _conv
+    from cellssl_jax.models.convae import (conv_from_one_channel_vjp, conv_to_one_channel_vjp, upsample_conv_subpixel,
+                                           upsample_nearest_2x)
 
     def f(x, kernel, bias):
-        if up and form == "subpixel":
+        if form == "matmul":  # the one-channel layers of formulation plain_1ch / subpixel_vjp
+            y = (conv_from_one_channel_vjp if x.shape[-1] == 1 else conv_to_one_channel_vjp)(x, kernel, bias)
+        elif up and form == "subpixel":
             y = upsample_conv_subpixel(x, kernel, bias)
         else:
             y = _conv(upsample_nearest_2x(x) if up else x, kernel, bias)
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from train_throughput import matmul_peak_gflops, timed_once
+    from train_throughput import matmul_peak_gflops, repeated, timed_once
 
     backend = jax.default_backend()
     k = args.steps_per_call or (1 if backend == "cpu" else 20)
@@ -100,36 +105,37 @@ def main(argv=None) -> int:
         kernel = jnp.asarray(rng.normal(0, 0.05, (3, 3, ci, co)).astype(np.float32), dtype)
         bias = jnp.zeros((co,), dtype)
         cot = jnp.asarray(rng.normal(size=(args.batch, out_side, out_side, co)).astype(np.float32), dtype)
-        for form in (args.forms if up else args.forms[:1]):
+        one_channel = ci == 1 or co == 1
+        for form in (args.forms if up else [args.forms[0]] + (["matmul"] if one_channel else [])):
             f, train = layer_fn(form, up, relu)
             jf = jax.jit(f)
             jt = jax.jit(train, static_argnums=4)
 
-            def many(fn):
-                def run():
-                    out = None
-                    for _ in range(k):
-                        out = fn()
-                    return out
-                return run
-
-            calls = {"forward": many(lambda: jf(x, kernel, bias)),
-                     "train": many(lambda: jt(x, kernel, bias, cot, not first))}
+            calls = repeated({"forward": (lambda: jf(x, kernel, bias), None),
+                              "train": (lambda: jt(x, kernel, bias, cot, not first), None)}, k)
+            calls = {what: call for what, (call, _) in calls.items()}
             for call in calls.values():
                 jax.block_until_ready(call())
             times = {what: [] for what in calls}
             for _ in range(args.repeats):
                 for what, call in calls.items():
                     times[what].append(timed_once(call, jax.block_until_ready) / k)
-            label = name + (f" ({form})" if up else "")
+            label = name + (f" ({form})" if up or form == "matmul" else "")
             fwd_s, train_s = statistics.median(times["forward"]), statistics.median(times["train"])
             rows.append((label, fwd_s, train_s, fwd_flop, train_flop, form))
             print(f"  {label}: forward {1e3 * fwd_s:.3f} ms, train {1e3 * train_s:.3f} ms", flush=True)
 
     for form in args.forms:
         chosen = [r for r in rows if r[5] == form or "(" not in r[0]]
+        if form == args.forms[0]:
+            matmul = [r for r in rows if r[5] == "matmul"]
+            if matmul:  # the plain_1ch formulation: this form with the one-channel layers as matrix products
+                chosen = chosen + matmul
+                chosen = [r for r in chosen if not (r[0] + " (matmul)" in [m[0] for m in matmul])]
         total = sum(r[2] for r in chosen)
-        print(f"\n== {form} form: training work of the 8 layers alone, batch {args.batch}, {args.dtype}")
+        title = f"{form} form" + (" with the one-channel layers as matrix products (formulation plain_1ch)"
+                                  if any(r[5] == "matmul" for r in chosen) else "")
+        print(f"\n== {title}: training work of the 8 layers alone, batch {args.batch}, {args.dtype}")
         print("| layer | forward ms | train ms | share of train | model TFLOP/s (train) | of matmul peak |")
         print("|---|---|---|---|---|---|")
         for label, fwd_s, train_s, _, train_flop, _ in chosen:
