@@ -231,6 +231,146 @@ def test_parallel_workers_write_the_same_bytes(tiny_plate: Path, tmp_path: Path)
     assert _digest(parallel) == _digest(tiny_plate)
 
 
+# -- render kernels against their plain formulation --------------------------------------------------------------
+
+
+def _reference_paint(params, texture, vacuoles, size=256):
+    """The painting model written plainly (pure Python, per pixel of a bounding square, cos/sin basis recomputed
+    per cell): what render._paint_cells must reproduce bit for bit, whatever its runs, passes and precomputations."""
+    n_angles = 64
+    accum = np.zeros((size, size), np.float32)
+    mask = np.zeros((size, size), np.uint8)
+    cover = np.zeros((size, size), np.uint8)
+    tile = texture.shape[0]
+    p = params.astype(np.float64)  # float32 values, computed in float64 as the kernel does ...
+    f32 = np.float32  # ... except products of two float32 values, which Numba keeps in float32
+    for c in range(len(p)):
+        (cx, cy, a, b, ca, sa), harm = p[c, 0:6], p[c, 6:14]
+        body, tex_amp, tx, ty, rim, rim_w, halo, halo_w, nu, nv, nr, nuc_amp, vac_amp, in_mask, in_cover = p[c, 14:29]
+        table, outline = [], []
+        for k in range(n_angles + 1):
+            d = 4.0 * k / n_angles
+            x, y = ((1.0 - d, d) if d < 1.0 else (1.0 - d, 2.0 - d) if d < 2.0 else (d - 3.0, 2.0 - d) if d < 3.0
+                    else (d - 3.0, d - 4.0))
+            norm = math.sqrt(x * x + y * y)
+            c1, s1 = x / norm, y / norm
+            c2, s2 = c1 * c1 - s1 * s1, 2.0 * c1 * s1
+            c3, s3 = c1 * (4.0 * c1 * c1 - 3.0), s1 * (3.0 - 4.0 * s1 * s1)
+            c5, s5 = c2 * c3 - s2 * s3, s2 * c3 + c2 * s3
+            c6, s6 = 2.0 * c3 * c3 - 1.0, 2.0 * s3 * c3
+            f = 1.0
+            for h, basis in zip(harm, (c2, s2, c3, s3, c5, s5, c6, s6)):
+                f = f + h * basis
+            outline.append(max(f, 0.35))
+            table.append(1.0 / (outline[-1] * outline[-1]))
+        f_lo, f_hi = min(outline), max(outline)
+        rim_s, halo_s = (1.0 - rim_w) ** 2, (1.0 + halo_w) ** 2
+        core2 = f_lo * f_lo * rim_s
+        r_out2 = ((1.0 + halo_w) * f_hi) ** 2
+        reach = int(math.ceil((1.0 + halo_w) * f_hi * max(a, b))) + 2
+        for py in range(int(cy) - reach, int(cy) + reach + 1):
+            for px in range(int(cx) - reach, int(cx) + reach + 1):
+                dx, dy = px + 0.5 - cx, py + 0.5 - cy
+                u, v = dx * ca + dy * sa, -dx * sa + dy * ca
+                eu, ev = u * (1.0 / a), v * (1.0 / b)
+                r2 = eu * eu + ev * ev
+                if r2 >= r_out2:
+                    continue
+                s = 0.0
+                if r2 >= core2:
+                    t = abs(ev) / (abs(eu) + abs(ev) + 1e-12)
+                    d = (t if ev >= 0.0 else 4.0 - t) if eu >= 0.0 else (2.0 - t if ev >= 0.0 else 2.0 + t)
+                    pos = d * (n_angles / 4.0)
+                    k = min(int(pos), n_angles - 1)
+                    s = r2 * (table[k] + (pos - k) * (table[k + 1] - table[k]))
+                    if s >= halo_s:
+                        continue
+                row, col = py % size, px % size
+                if s < 1.0:
+                    tr, tc = (py + int(ty)) % tile, (px + int(tx)) % tile
+                    val = float(f32(body) + f32(tex_amp) * texture[tr, tc])
+                    if s > rim_s:
+                        e = (s - rim_s) * (1.0 / (1.0 - rim_s))
+                        val -= rim * e * e
+                    if nr > 0.0:
+                        du, dv = u - nu, v - nv
+                        q = 1.0 - (du * du + dv * dv) * (1.0 / float(f32(nr) * f32(nr)))
+                        if q > 0.0:
+                            val += nuc_amp * q * (1.0 + 2.5 * float(vacuoles[(tr + 97) % tile, (tc + 53) % tile]))
+                    if vac_amp != 0.0:
+                        val += float(f32(vac_amp) * vacuoles[tr, tc])
+                    mask[row, col] = 255 if in_mask > 0.5 else mask[row, col]
+                    cover[row, col] = 1 if in_cover > 0.5 else cover[row, col]
+                else:
+                    q = 1.0 - (s - 1.0) * (1.0 / (halo_s - 1.0))
+                    val = halo * q * q
+                accum[row, col] = np.float32(float(accum[row, col]) + val)
+    return accum, mask, cover
+
+
+def _random_cells(rng, n):
+    """Drawing rows over the whole parameter range, some across the frame's edges (the torus wraps)."""
+    from data_pipelines.synthetic import appearance as ap
+
+    rows = np.zeros((n, ap.N_PARAMS), np.float32)
+    rows[:, ap.D_CX] = rng.uniform(-4, 260, n)
+    rows[:, ap.D_CY] = rng.uniform(-4, 260, n)
+    radius = rng.uniform(2.0, 22.0, n)
+    aspect = rng.uniform(1.0, 3.5, n)
+    rows[:, ap.D_A], rows[:, ap.D_B] = radius * np.sqrt(aspect), radius / np.sqrt(aspect)
+    angle = rng.uniform(0, math.pi, n)
+    rows[:, ap.D_COS], rows[:, ap.D_SIN] = np.cos(angle), np.sin(angle)
+    rows[:, ap.D_HARM : ap.D_HARM + 8] = rng.normal(0, 0.12, (n, 8))
+    rows[:, ap.D_BODY] = rng.uniform(-20, 5, n)
+    rows[:, ap.D_TEX_AMP] = rng.uniform(0, 12, n)
+    rows[:, ap.D_TEX_X], rows[:, ap.D_TEX_Y] = rng.integers(0, 256, n), rng.integers(0, 256, n)
+    rows[:, ap.D_RIM], rows[:, ap.D_RIM_W] = rng.uniform(0, 40, n), rng.uniform(0.08, 0.45, n)
+    rows[:, ap.D_HALO], rows[:, ap.D_HALO_W] = rng.uniform(0, 40, n), 2.4 / np.maximum(radius, 0.5)
+    rows[:, ap.D_NUC_U], rows[:, ap.D_NUC_V] = rng.uniform(-0.25, 0.25, (2, n)) * rows[:, [ap.D_A, ap.D_B]].T
+    rows[:, ap.D_NUC_R] = np.where(rng.random(n) < 0.8, 0.45 * np.minimum(rows[:, ap.D_A], rows[:, ap.D_B]), 0.0)
+    rows[:, ap.D_NUC_AMP] = -16.0
+    rows[:, ap.D_VAC_AMP] = np.where(rng.random(n) < 0.4, rng.uniform(-40, 80, n), 0.0)
+    rows[:, ap.D_MASK] = rng.random(n) < 0.5
+    rows[:, ap.D_COVER] = rng.random(n) < 0.7
+    return rows
+
+
+def test_cell_painter_equals_its_plain_formulation_bit_for_bit():
+    from data_pipelines.synthetic import render
+
+    rng = np.random.default_rng(7)
+    params = _random_cells(rng, 40)
+    texture, vacuoles = render.texture_tile(1.5), render.vacuole_tile()
+    accum = np.zeros((256, 256), np.float32)
+    mask, cover = np.zeros((256, 256), np.uint8), np.zeros((256, 256), np.uint8)
+    render._paint_cells(params, render.outline_basis(), texture, vacuoles, accum, mask, cover)
+    ref_accum, ref_mask, ref_cover = _reference_paint(params, texture, vacuoles)
+    assert np.count_nonzero(ref_accum) > 10_000 and ref_mask.any() and ref_cover.any()  # the test draws something
+    assert np.array_equal(accum.view(np.uint32), ref_accum.view(np.uint32))
+    assert np.array_equal(mask, ref_mask) and np.array_equal(cover, ref_cover)
+
+
+def test_exposure_and_sharpening_equal_their_numpy_formulation_bit_for_bit():
+    from data_pipelines.synthetic import render
+
+    rng = np.random.default_rng(3)
+    noise = render.noise_tile()
+    pad = np.empty((258, 258), np.float32)
+    for oy, ox, level in ((0, 0, 30.0), (300, 500, 30.0), (511, 255, 30.0), (17, 3, 400.0)):  # incl. clipping
+        accum = (rng.normal(0, level, (256, 256)) * (rng.random((256, 256)) < 0.7)).astype(np.float32)
+        illumination = render.illumination_field(rng)
+        background, gain, amp = float(rng.uniform(118, 132)), 1.0 + 0.01 * rng.standard_normal(), 1.7
+        image = np.empty((256, 256), np.uint8)
+        render._expose(accum, illumination, background, gain, noise, amp, oy, ox, pad, image)
+        shifted = np.roll(noise, (-oy, -ox), axis=(0, 1))[:256, :256].astype(np.float64)
+        frame = ((background + accum.astype(np.float64)) * illumination * gain + amp * shifted).astype(np.float32)
+        padded = np.pad(frame, 1, mode="edge")
+        cols = padded[:-2] + padded[1:-1] + padded[2:]  # float32 sums, in this order
+        box = cols[:, :-2] + cols[:, 1:-1] + cols[:, 2:]
+        sharp = np.floor((34.0 * frame.astype(np.float64) - 2.0 * box.astype(np.float64)) / 16.0 + 0.5)
+        assert np.array_equal(image, np.clip(sharp, 0, 255).astype(np.uint8))
+
+
 # -- wells -----------------------------------------------------------------------------------------------------
 
 
