@@ -35,7 +35,8 @@ def _features(a):
 def _temporal(a):
     from cellssl_jax.temporal.pipeline import run_temporal
 
-    summary = run_temporal(features=a.features, distances=a.distances, out_dir=a.out, metric=a.metric, scale=a.scale,
+    summary = run_temporal(features=a.features, distances=a.distances, out_dir=a.out, metric=a.metric,
+                           feature_scale=a.feature_scale, scale=a.scale,
                            method=a.method, k=a.k, window=a.window, paper_faithful=a.paper_faithful,
                            ground_truth=a.ground_truth, mapping=a.mapping, seed=a.seed)
     print(json.dumps(summary, indent=2, default=str))
@@ -71,7 +72,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="a built dataset dir (data_pipelines.build) or a manifest CSV/Parquet")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="latent", choices=["latent", "pooled"],
-                   help="latent: flattened 4×32×32 (paper); pooled: per-channel mean/std of encoder stages")
+                   help="latent: flattened 4×32×32 (paper); pooled: per-channel mean/std of the encoder stages, "
+                        "translation-invariant, the better input to `temporal` on the synthetic plate (README)")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(fn=_features)
 
@@ -81,6 +83,10 @@ def main(argv=None):
     src.add_argument("--distances", help="CSV with cell_line, drug, concentration_uM, time_h, distance (+ plate)")
     p.add_argument("--out", required=True)
     p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine", "correlation", "braycurtis"])
+    p.add_argument("--feature-scale", default="dmso", choices=["dmso", "none"],
+                   help="dmso (default): each feature in units of its DMSO replicate spread on the plate, near-constant "
+                        "features dropped (measured best on the synthetic plate with pooled features); none: raw "
+                        "features, as the paper")
     p.add_argument("--scale", default=None, help="curve scaling; 'cell_drug' is the paper's (see docs)")
     p.add_argument("--method", default="kmeans", choices=["kmeans", "kmedoids", "average"])
     p.add_argument("--k", type=int, default=None, help="number of clusters (default: chosen by DTW silhouette)")

@@ -80,6 +80,12 @@ def test_latent_and_pooled_features_in_one_pass(dataset, tmp_path):
     i_std = meta["feature_names"].index("block3/std/c00")
     np.testing.assert_allclose(pooled[pcols[i_mean]].to_numpy(), b3[order, :, :, 0].mean(axis=(1, 2)), atol=1e-5)
     np.testing.assert_allclose(pooled[pcols[i_std]].to_numpy(), b3[order, :, :, 0].std(axis=(1, 2)), atol=1e-5)
+    # The default pooled features cover every encoder stage, the first included (mean and std per channel).
+    assert meta["layers"] == ["block1", "block2", "block3", "latent"]
+    assert len(pcols) == 2 * (8 + 8 + 8 + model.latent_channels)
+    b1 = np.asarray(stages["block1"])
+    i_b1 = meta["feature_names"].index("block1/std/c07")
+    np.testing.assert_allclose(pooled[pcols[i_b1]].to_numpy(), b1[order, :, :, 7].std(axis=(1, 2)), atol=1e-5)
 
 
 _SHARDED = r"""

@@ -170,7 +170,9 @@ def _hand_table():
 
 @pytest.mark.parametrize("floor, expected_control_t", [(False, [-1, 2, 4, 6, 6]), (True, [-1, 0, 2, 4, 6])])
 def test_hand_example_averaging_and_time_matching(floor, expected_control_t):
-    out = curves.distances_from_features(_hand_table(), paper_faithful=floor, noise_curve=False, progress=False)
+    # Raw features (no DMSO standardisation): the hand-computed distances below are in feature units.
+    out = curves.distances_from_features(_hand_table(), paper_faithful=floor, noise_curve=False, progress=False,
+                                         feature_scale="none")
     drug = out[out["drug"] == "X"].sort_values("time_h")
     assert drug["time_h"].tolist() == [-0.5, 1.5, 3.5, 5.5, 7.0]
     # Sites of B01 are averaged first (15), then wells (15 and 30 → 22.5): each well weighs the same.
@@ -201,7 +203,7 @@ def test_well_with_odd_number_of_frames_is_dropped():
     extra = table[(table["Metadata_Well"] == "B02")].iloc[[0]].assign(Metadata_Time_h=9.0, f0=1e6)
     with pytest.warns(UserWarning, match="B02"):
         out = curves.distances_from_features(pd.concat([table, extra], ignore_index=True), noise_curve=False,
-                                             progress=False)
+                                             progress=False, feature_scale="none")
     drug = out[out["drug"] == "X"].sort_values("time_h")
     # Only B01 (mean 15) is left; times are its own.
     np.testing.assert_allclose(drug["distance"].to_numpy(), np.sqrt((15 - np.array([-1, 2, 4, 6, 6.0])) ** 2 + 1))
@@ -228,6 +230,73 @@ def test_large_parquet_is_read_plate_by_plate_with_the_same_result(plate_tables,
     per_plate = curves.distances_from_parquet(path, progress=False)
     pd.testing.assert_frame_equal(whole, per_plate)
     assert set(per_plate["plate"]) == {"ACHN_P1", "HT29_P1"}
+
+
+def _dmso_table(values_by_well: dict[str, list[list[float]]], times=(0.0, 4.0)) -> pd.DataFrame:
+    """A plate of DMSO wells only: ``values_by_well[well][t]`` is the feature vector of that well at times[t]."""
+    rows = []
+    for well, per_time in values_by_well.items():
+        for t, vec in zip(times, per_time):
+            rows.append(dict(Metadata_Plate="P", Metadata_Well=well, Metadata_Site=1, Metadata_CellLine="C",
+                             Metadata_Drug="DMSO", Metadata_Concentration_uM=0.0, Metadata_Time_h=t,
+                             **{f"f{j}": v for j, v in enumerate(vec)}))
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=1).reset_index(drop=True)  # order must not matter
+
+
+def test_dmso_spread_is_replicate_spread_at_each_time_not_growth():
+    # Feature 0: wells differ by 1, 2, 3 at t0 and by 2, 4, 6 at t1 (variances 1 and 4), all shifted by +10 at t1
+    # (growth, shared by every well: not spread). Feature 1: the same in every well: no spread.
+    table = _dmso_table({"A01": [[1, 5], [12, 7]], "A02": [[2, 5], [14, 7]], "A03": [[3, 5], [16, 7]]})
+    spread = curves.dmso_feature_spread(table, table[["f0", "f1"]].to_numpy())
+    np.testing.assert_allclose(spread, [np.sqrt((1.0 + 4.0) / 2), 0.0], atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2 DMSO images"):
+        one = table[table["Metadata_Well"] == "A01"]
+        curves.dmso_feature_spread(one, one[["f0", "f1"]].to_numpy(), label="plate 'P'")
+
+
+def _with_extra_features(table, rng, *, loud_sd=None, dead=False):
+    """The plate table plus extra feature columns: one of pure replicate noise with sd ``loud_sd`` (no effect,
+    much larger than the planted features), and/or a dead channel (constant, with float-rounding jitter)."""
+    extra = {}
+    n_feat = len(curves.feature_columns(table.columns))
+    if loud_sd is not None:
+        extra[f"f{n_feat:04d}"] = rng.normal(0, loud_sd, len(table))
+        n_feat += 1
+    if dead:
+        extra[f"f{n_feat:04d}"] = 0.5 + rng.normal(0, 1e-9, len(table))
+    return pd.concat([table, pd.DataFrame(extra, index=table.index)], axis=1)
+
+
+def _strong_over_noise(raw):
+    """Peak of the top-concentration toxin curve in units of the DMSO-vs-DMSO noise curve (median)."""
+    series = curves.build_series(raw)
+    return _rows(series, "Toxin").max()
+
+
+def test_dmso_standardisation_keeps_effects_out_of_a_loud_noise_feature(plate_tables):
+    table, _ = plate_tables
+    loud = _with_extra_features(table, np.random.default_rng(0), loud_sd=2.0)  # 100 × the planted noise of 0.02
+    clean_dmso = _strong_over_noise(curves.distances_from_features(table, progress=False))
+    loud_dmso = _strong_over_noise(curves.distances_from_features(loud, progress=False))
+    loud_raw = _strong_over_noise(curves.distances_from_features(loud, progress=False, feature_scale="none"))
+    # Raw Euclidean: the one loud channel buries the effect near the noise level; in DMSO-spread units it is one
+    # feature among 17 and the effect stays far above the noise, close to its level without that feature.
+    assert loud_raw < 3 * effects.NOISE_MULTIPLE
+    assert loud_dmso > 5 * loud_raw
+    assert loud_dmso > 0.5 * clean_dmso
+
+
+def test_dead_features_are_dropped_not_amplified(plate_tables, monkeypatch):
+    table, _ = plate_tables
+    with_dead = _with_extra_features(table, np.random.default_rng(0), dead=True)
+    clean = curves.distances_from_features(table, progress=False)
+    pd.testing.assert_frame_equal(clean, curves.distances_from_features(with_dead, progress=False))
+    # Without the cut, the rounding jitter of the dead channel weighs like a live feature and adds its own noise.
+    monkeypatch.setattr(curves, "MIN_RELATIVE_SPREAD", 0.0)
+    amplified = curves.distances_from_features(with_dead, progress=False)
+    assert np.abs(amplified["distance"].to_numpy() - clean["distance"].to_numpy()).max() > 0.1
+    with pytest.raises(ValueError, match="feature_scale"):
+        curves.distances_from_features(table, progress=False, feature_scale="zscore")
 
 
 def test_denoise_is_pandas_rolling_median_without_nan_head():
@@ -380,6 +449,33 @@ def test_paper_prototypes_and_noise_guard():
     assert effects.classify_shape(feats, noise_level=1.1 * 0.4 / effects.NOISE_MULTIPLE) == "no_effect"
 
 
+def test_rules_on_demo_plate_shapes():
+    """Centroid shapes seen on the rendered demo plates (20 points, in noise units, noise level 1)."""
+    x = np.arange(20)
+    rise = 1.0 + 8.0 * _smoothstep((x - 3) / 16)  # still gaining over the last third
+    # A cytotoxic drug whose dying cells first round up: a quick jump at the start that settles, then the gap
+    # widens to the end without reaching the early transient (ends at ~0.85 of its peak).
+    transient = np.where(x < 6, 1.0 + 9.0 * _smoothstep(x / 2), 0.0) + np.where(
+        x >= 6, 6.0 + 3.0 * (x - 6) / 13, 0.0)
+    plateau = 1.0 + 6.0 * _smoothstep((x - 3) / 9)  # rises, then levels off: mixed
+    fallen = 1.0 + 5.0 * np.exp(-0.5 * ((x - 10) / 3.5) ** 2)  # rises, then falls back: cytostatic
+    regrow = np.where(x < 17, fallen, fallen[16] + 0.4 * (x - 16))  # falls back, then creeps up a little
+    flat_high = np.full(20, 1.9)  # a no-effect drug 1.9 × above the DMSO half-vs-half noise (seen on seed 1)
+
+    def label(curve):
+        return effects.classify_shape(effects.shape_features(curve), noise_level=1.0)
+
+    feats = effects.shape_features(transient)
+    assert feats.peak_position < 0.3 and feats.end_peak_ratio < 0.9  # the peak is the early transient
+    assert label(rise) == "cytotoxic"
+    assert label(transient) == "cytotoxic"
+    assert label(plateau) == "mixed"
+    assert label(fallen) == "cytostatic"
+    assert label(regrow) == "cytostatic"
+    assert label(flat_high) == "no_effect"
+    assert label(flat_high + 1.0) != "no_effect"  # 2.9 × noise: beyond the band
+
+
 def test_mapping_file_json_and_csv(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"0": "no_effect", "1": "cytotoxic"}))
@@ -433,7 +529,8 @@ def test_pipeline_recovers_planted_effects_and_writes_outputs(pipeline_run):
     run = out / "run"
     for name in ("distances.csv", "series.csv", "clusters.csv", "k_selection.csv", "cluster_effects.csv",
                  "summary.json", "figures/clusters.png", "figures/k_selection.png", "figures/effects_ACHN.png",
-                 "figures/effects_HT29.png", "figures/effects_top_concentration.png", "figures/confusion.png"):
+                 "figures/effects_HT29.png", "figures/effects_top_concentration.png", "figures/confusion.png",
+                 "figures/series_by_truth.png"):
         assert (run / name).is_file(), name
     assert summary["score"]["adjusted_rand_index"] == 1.0
     assert all(r == 1.0 for r in summary["score"]["recall"].values())

@@ -34,7 +34,8 @@ def _slug(text: str) -> str:
 
 
 def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "euclidean",
-                 scale: str = curves.DEFAULT_SCALE, method: str = "kmeans", k: int | None = None,
+                 feature_scale: str = curves.DEFAULT_FEATURE_SCALE, scale: str = curves.DEFAULT_SCALE,
+                 method: str = "kmeans", k: int | None = None,
                  k_range: tuple[int, int] = (2, 9), window: int | None = None, paper_faithful: bool = False,
                  ground_truth=None, mapping=None, seed: int = 0, figures: bool = True, progress: bool = True
                  ) -> dict:
@@ -44,6 +45,8 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     distances: instead of features, a CSV (or DataFrame) of ``cell_line, drug, concentration_uM, time_h,
         distance[, plate]``, e.g. the ``distances.csv`` of an earlier run.
     metric: feature-space distance to control (euclidean = paper; cosine, correlation, braycurtis).
+    feature_scale: 'dmso' (default): every feature in units of its DMSO replicate spread on the plate, features
+        without spread dropped; 'none': raw features (paper). Ignored for ``distances`` input.
     scale: 'noise' (default: units of the plate's DMSO-vs-DMSO noise), 'plate', 'cell_drug' (paper), 'none';
         see ``distances.scale_series``.
     method: 'kmeans' (DTW + DBA, paper), 'kmedoids', 'average_linkage'.
@@ -71,11 +74,11 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     if features is not None:
         if isinstance(features, pd.DataFrame):
             raw = curves.distances_from_features(features, metric=metric, paper_faithful=paper_faithful,
-                                                 progress=progress)
+                                                 progress=progress, feature_scale=feature_scale)
             input_desc = {"features": "DataFrame"}
         else:
             raw = curves.distances_from_parquet(features, metric=metric, paper_faithful=paper_faithful,
-                                                progress=progress)
+                                                progress=progress, feature_scale=feature_scale)
             input_desc = {"features": str(features)}
     else:
         if isinstance(distances, pd.DataFrame):
@@ -140,13 +143,15 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     figure_paths = []
     if figures:
         figure_paths = _write_figures(out / "figures", values, chosen, cluster_table, k_table, best_k, assigned,
-                                      score, seed=seed, title=f"{method}, k={chosen.k}, scale={scale}, metric={metric}")
+                                      score, seed=seed, title=f"{method}, k={chosen.k}, scale={scale}, metric={metric}",
+                                      noise_multiple=effects.NOISE_MULTIPLE if noise is not None else None)
 
     control_effects = (assigned[assigned["is_control"]].groupby(["drug", "effect"]).size()
                        .unstack(fill_value=0).to_dict(orient="index"))
     summary = dict(
         input=input_desc,
-        options=dict(metric=metric, scale=scale, method=method, k=k, k_range=list(k_range), window=window,
+        options=dict(metric=metric, feature_scale=feature_scale if features is not None else None, scale=scale,
+                     method=method, k=k, k_range=list(k_range), window=window,
                      paper_faithful=paper_faithful, seed=seed, mapping=None if mapping is None else str(mapping),
                      ground_truth=None if ground_truth is None or isinstance(ground_truth, pd.DataFrame)
                      else str(ground_truth)),
@@ -173,7 +178,8 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-def _write_figures(fig_dir: Path, values, chosen, cluster_table, k_table, best_k, assigned, score, *, seed, title):
+def _write_figures(fig_dir: Path, values, chosen, cluster_table, k_table, best_k, assigned, score, *, seed, title,
+                   noise_multiple=None):
     drugs_only = ~assigned["is_control"].to_numpy()
     written = [
         plots.plot_clusters(values[drugs_only], chosen.labels[drugs_only], chosen.centroids,
@@ -185,6 +191,12 @@ def _write_figures(fig_dir: Path, values, chosen, cluster_table, k_table, best_k
         for cell_line in sorted(table["cell_line"].unique()):
             written.append(plots.plot_effect_grid(table, cell_line, fig_dir / f"effects_{_slug(cell_line)}.png"))
         written.append(plots.plot_top_concentration_heatmap(table, fig_dir / "effects_top_concentration.png"))
+    if score is not None and score["n_scored"] and "effect_true" in assigned.columns:
+        scored = drugs_only & assigned["effect_true"].notna().to_numpy()
+        noise = values[(assigned["drug"] == curves.CONTROL_DRUG).to_numpy()]
+        written.append(plots.plot_series_by_truth(values[scored], assigned[scored], noise,
+                                                  fig_dir / "series_by_truth.png", noise_multiple=noise_multiple,
+                                                  title=f"series by planted effect ({title})"))
     if score is not None and score["n_scored"]:
         written.append(plots.plot_confusion(score["confusion_matrix"], score["confusion_labels"],
                                             fig_dir / "confusion.png",

@@ -161,3 +161,38 @@ def plot_confusion(matrix, labels, path, *, title: str = "") -> Path:
     ax.set_title(title or "effects: planted vs recovered", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_series_by_truth(values: np.ndarray, table: pd.DataFrame, noise: np.ndarray, path, *,
+                         noise_multiple: float | None = None, title: str = "") -> Path:
+    """One panel per planted effect: the scaled series of its conditions (one line style per cell line, coloured by
+    the recovered effect) over the DMSO-vs-DMSO noise curves (black, dotted). It answers where effects are lost:
+    classes whose curves overlap here cannot be told apart by any clustering of these curves (features or
+    distance), while separate curves in a wrong colour point at the clustering or the rules.
+
+    ``values`` (n, L) and ``table`` (n rows with ``cell_line``, ``effect``, ``effect_true``) are the drug series;
+    ``noise`` the DMSO noise series; ``noise_multiple`` draws the no-effect band of the rules when given."""
+    fig, axes = plt.subplots(1, len(EFFECTS), figsize=(4.0 * len(EFFECTS), 3.2), sharey=True)
+    styles = ["-", "--", ":", "-."]
+    lines = {c: styles[i % len(styles)] for i, c in enumerate(sorted(table["cell_line"].astype(str).unique()))}
+    truth = table["effect_true"].astype(str).to_numpy()
+    found = table["effect"].astype(str).to_numpy()
+    cells = table["cell_line"].astype(str).to_numpy()
+    for ax, effect in zip(axes, EFFECTS):
+        members = np.flatnonzero(truth == effect)
+        for i in members:
+            ax.plot(values[i], lines[cells[i]], color=EFFECT_COLOURS[found[i]], lw=1.0)
+        for curve in np.atleast_2d(noise):
+            ax.plot(curve, ":", color="black", lw=1.2)
+        if noise_multiple is not None and len(noise):
+            ax.axhline(noise_multiple * float(np.median(noise)), color="black", lw=0.6, alpha=0.5)
+        recall = float((found[members] == effect).mean()) if len(members) else float("nan")
+        ax.set_title(f"planted {effect.replace('_', ' ')} (n={len(members)}, recall {recall:.2f})", fontsize=9)
+        ax.set_xlabel("series point")
+    axes[0].set_ylabel("distance to DMSO (scaled)")
+    style_handles = [plt.Line2D([], [], color="black", ls=s, label=c) for c, s in lines.items()]
+    fig.legend(handles=_legend_handles() + style_handles, loc="lower center", ncol=len(EFFECTS) + len(lines),
+               fontsize=8, title="colour: recovered effect", title_fontsize=8, bbox_to_anchor=(0.5, -0.25))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
