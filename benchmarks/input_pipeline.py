@@ -1,4 +1,4 @@
-"""Throughput of the training input pipeline: PNG decode + the paper's 5-crop multi-crop + augmentation.
+"""Throughput of the training input pipeline: decode + the paper's 5-crop multi-crop + augmentation, through Grain.
 
     .venv/bin/python benchmarks/input_pipeline.py [--dataset DIR] [--images 128] [--batch 64] [--batches 6]
                                                   [--repeats 5] [--workers 1 2]
@@ -10,13 +10,14 @@ exists, so PNG decoding costs what it costs on real data; smooth random texture 
 
 Stages, each timed ``--repeats`` times in turn (interleaved, so machine load hits them alike) and reported as the median
 images/s of one process (= one core) and images per CPU-second of that process:
-  decode              source[i] only (PNG → uint8)
+  decode              source[i] only, over --images random rows, each image dropped before the next (as in the pipeline)
   crops (PIL recipe)  the authors' per-crop recipe with PIL crop+resize, x/255, flip view, numpy 3×3 blur: the reference
-  crops (ours)        data_pipelines.augment.multi_crop on decoded images (Numba Pillow-exact resize)
+  crops (ours)        data_pipelines.augment.multi_crop on decoded images, written into preallocated rows (as in batches)
   decode + crops      what one pipeline element costs
-  grain, 0 workers    create_train_dataset(...) in-process, batches of --batch (includes batching copies)
-  grain, T threads    the same with T reader threads in the process (the kernels and PNG decoding release the GIL)
-  grain, N workers    the same with N worker processes; startup (first batch) excluded; images/s per worker too
+  grain, 0 workers    create_train_dataset(...) in-process, batches of --batch (includes Grain's index plumbing)
+Then the pipeline with T reader threads in the process (the kernels release the GIL) and with N worker processes,
+start-up (first batch) excluded, reported as images/s (wall) and images per CPU-second of this process AND its
+workers (read from /proc): on a shared machine the wall rate follows the load, the CPU rate is what the cores deliver.
 Writes nothing.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
@@ -118,17 +120,24 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
     grain_cfg = ip.default_input_config()
     grain_cfg.batch_size = args.batch
     batches = max(1, n // args.batch)
+    rows_out = [np.empty((s.size, s.size, decoded[0].shape[2]), np.float32) for s in specs]  # as the batch rows
+
+    grain_cfg.read_threads = 0  # this thread computes the batches: the process's CPU time is the pipeline's
+    # One iterator for all runs: the steady state of training (start-up and first batches are not what limits it).
+    grain_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1))
 
     def grain_run():
-        it = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1))
         for _ in range(batches):
-            next(it)
+            next(grain_iterator)
 
     stages = {
-        "decode": lambda: [source[i] for i in range(n)],
+        # Each image is dropped before the next is read, as the pipeline does (a list of them all would add page
+        # faults that the pipeline does not pay).
+        "decode": lambda: [source[i] and None for i in range(n)],
         "crops (PIL recipe)": lambda: [pil_recipe_multi_crop(x, rng, specs, params) for x in decoded],
-        "crops (ours)": lambda: [A.multi_crop(x, rng, specs, params) for x in decoded],
-        "decode + crops": lambda: [A.multi_crop(source[i]["image"], rng, specs, params) for i in range(n)],
+        "crops (ours)": lambda: [A.multi_crop(x, rng, specs, params, out=rows_out) and None for x in decoded],
+        "decode + crops": lambda: [A.multi_crop(source[i]["image"], rng, specs, params, out=rows_out) and None
+                                   for i in range(n)],
         f"grain, 0 workers, batch {args.batch}": grain_run,
     }
     counts = {name: n for name in stages}
@@ -142,9 +151,19 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
     return results
 
 
-def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[float]:
-    """Images/s of the pipeline with `workers` processes or `threads` reader threads, after the first batch (process
-    start-up excluded)."""
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (any process: Grain's workers are children of this one)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[tuple[float, float]]:
+    """(images/s wall, images per CPU-second of this process AND its worker processes) of the pipeline with `workers`
+    processes or `threads` reader threads, after the first batch (process start-up excluded). The CPU figure is what
+    a core delivers whatever else loads the machine; the wall figure depends on that load."""
+    import multiprocessing
+
     cfg = ip.default_input_config()
     cfg.batch_size = args.batch
     cfg.worker_count = workers
@@ -152,12 +171,17 @@ def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[
     cfg.prefetch_buffer_size = max(2, threads)
     it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
     next(it)
+    pids = [os.getpid()] + [child.pid for child in multiprocessing.active_children()]
     rates = []
     for _ in range(args.repeats):
+        cpu = sum(_process_cpu_seconds(pid) for pid in pids)
         start = time.perf_counter()
         for _ in range(args.batches):
             next(it)
-        rates.append(args.batches * args.batch / (time.perf_counter() - start))
+        wall = time.perf_counter() - start
+        cpu = sum(_process_cpu_seconds(pid) for pid in pids) - cpu
+        count = args.batches * args.batch
+        rates.append((count / wall, count / max(cpu, 1e-9)))
     it.close()
     return rates
 
@@ -179,12 +203,14 @@ def main() -> int:
         full = open_source(args.dataset)
         source, label = full, f"built dataset {args.dataset} ({len(full)} images, {full.image_shape})"
 
-        class Head:  # the first --images rows, for the in-process stages
+        rows = np.random.default_rng(0).choice(len(full), min(args.images, len(full)), replace=False).tolist()
+
+        class Head:  # --images random rows, for the in-process stages (random reads, as the shuffled pipeline does)
             def __len__(self):
-                return min(args.images, len(full))
+                return len(rows)
 
             def __getitem__(self, i):
-                return full[i]
+                return full[rows[i]]
 
         head = Head()
     else:
@@ -208,15 +234,14 @@ def main() -> int:
     print(f"\ncrops+augment, ours vs PIL recipe (CPU time, same process): {ours / ref:.2f}x")
 
     print()
-    for threads in args.threads:
-        rates = bench_parallel(source, args, threads=threads)
-        print(f"grain, 0 workers, {threads} read threads, batch {args.batch}: {statistics.median(rates):,.0f} img/s "
-              f"(wall, runs: {', '.join(f'{r:,.0f}' for r in rates)})")
-    for workers in args.workers:
-        rates = bench_parallel(source, args, workers=workers)
-        total = statistics.median(rates)
-        print(f"grain, {workers} worker(s), batch {args.batch}: {total:,.0f} img/s total, "
-              f"{total / workers:,.0f} img/s per worker (wall, runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+    print("parallel runs (CPU: this process and its workers, all threads; wall: depends on the machine's load)")
+    for label, kwargs in ([(f"grain, 0 workers, {t} read threads", {"threads": t}) for t in args.threads]
+                          + [(f"grain, {w} worker(s)", {"workers": w}) for w in args.workers]):
+        runs = bench_parallel(source, args, **kwargs)
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        print(f"{label + f', batch {args.batch}':34s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}   "
+              f"(wall runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
     return 0
 
 

@@ -5,8 +5,8 @@ Both take ANY random-access source: ``len(source)`` and ``source[i] -> {'image':
 
 Training (``create_train_dataset``)::
 
-    range(N) → seed(seed).shuffle() → repeat(num_epochs) → map_with_index((position, index))
-             → [process_index::process_count] → batch(B_local, drop_remainder)
+    stream = range(N) → seed(seed).shuffle() → repeat(num_epochs)
+    range(global batches) → map(local batch k → (position, stream[position]) for its positions)
              → map(read the batch; multi-crop + augment each image into the batch arrays)
              → to_iter_dataset → mp_prefetch
 
@@ -196,19 +196,97 @@ def multi_crop_element(
     )
 
 
-def _position_and_index(position: int, source_index: int) -> np.ndarray:
-    """map_with_index transform: an element of the shuffled stream becomes (global stream position, source index)."""
-    return np.array([position, source_index], np.int64)
+class _LocalBatchPairs:
+    """map transform: local batch number k → int64 [B_local, 2] of (global stream position, source index).
+
+    Local batch k of process p holds global stream positions (k·B_local + j)·process_count + p, j < B_local: the
+    process's strided share of global batch k. Computing the positions here and looking each up in the shuffled stream
+    costs ~16 us per element on the 2-core machine, against ~40 us for Grain's generic map_with_index → slice → batch
+    chain (per-element bookkeeping), and gives the same elements in the same order (same iterator state too).
+    """
+
+    def __init__(self, stream: grain.MapDataset, local_batch: int, process_index: int, process_count: int):
+        self._stream = stream
+        self._local_batch = local_batch
+        self._process_index = process_index
+        self._process_count = process_count
+
+    def __call__(self, k: int) -> np.ndarray:
+        first = int(k) * self._local_batch
+        positions = [(first + j) * self._process_count + self._process_index for j in range(self._local_batch)]
+        pairs = np.empty((self._local_batch, 2), np.int64)
+        pairs[:, 0] = positions
+        pairs[:, 1] = [self._stream[position] for position in positions]
+        return pairs
+
+
+class _RecycledBatchArrays:
+    """Batch arrays handed out again once nobody but this pool holds them.
+
+    A batch of the default multi-crop is 5 x 4 MB of float32. Fresh arrays of that size come from mmap and are faulted
+    in page by page while the crops are written: ~2,500 page faults and 8-16 ms per batch on the 2-core machine,
+    125-250 us per image, as much as the crops themselves (benchmarks/input_pipeline.py). Memory that was already
+    written costs nothing of that, so arrays whose consumer has let go are reused.
+
+    "Let go" is read from reference counts: the pool's list holds each tuple and the tuple holds its arrays, so a
+    tuple (or one of its arrays) with any further reference is still in use: kept in a batch dict, a prefetch buffer,
+    a view (``a[:8]`` references ``a``), a memoryview or a zero-copy ``jax`` array. Only unused sets are reused, so
+    what a consumer holds is never overwritten. Thread-safe: Grain's reader threads share one transform.
+    """
+
+    _MAX_SETS = 8  # more sets than this in use at once (deep prefetch buffers): extra ones are simply not kept
+
+    def __init__(self):
+        self._sets: list[tuple[np.ndarray, ...]] = []
+        self._lock = threading.Lock()
+        # The counts of a set nobody else holds, measured through the same code path (not hard-coded: what
+        # getrefcount reports for locals and arguments differs between Python versions).
+        probe = (np.empty(0, np.float32),)  # like get()'s local `arrays`, `probe` holds one reference of its own
+        self._free_counts = self._reference_counts([probe], 0)
+
+    @staticmethod
+    def _reference_counts(sets: list[tuple[np.ndarray, ...]], k: int) -> tuple[int, int]:
+        """References to set ``k`` and the most any of its arrays has (indexing, not iterating: an iterator or the
+        cached result tuple of enumerate() would hold references of its own)."""
+        arrays = sets[k]
+        return sys.getrefcount(arrays), max(sys.getrefcount(arrays[i]) for i in range(len(arrays)))
+
+    def get(self, shapes: tuple[tuple[int, ...], ...], dtype=np.float32) -> tuple[np.ndarray, ...]:
+        with self._lock:
+            for k in range(len(self._sets)):
+                arrays = self._sets[k]
+                if (tuple(a.shape for a in arrays) == shapes and arrays[0].dtype == dtype
+                        and self._reference_counts(self._sets, k) == self._free_counts):
+                    # Out of the list while it is being filled: no other thread can be handed it meanwhile.
+                    return self._sets.pop(k)
+            return tuple(np.empty(shape, dtype) for shape in shapes)
+
+    def put(self, arrays: tuple[np.ndarray, ...]) -> None:
+        """Keeps a filled set for later reuse; call before handing it out."""
+        with self._lock:
+            if len(self._sets) < self._MAX_SETS:
+                self._sets.append(arrays)
+
+    def __getstate__(self):  # a worker process starts with an empty pool
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
 class _TrainBatch:
     """map transform on a batch of (position, source index) pairs → {'crops', 'row_id'}. Picklable for workers.
 
     Working on whole batches lets every crop be written straight into its row of the batch arrays (no per-crop
-    allocation, no stacking copy) and uses the source's batch read (``__getitems__``) when it has one.
+    allocation, no stacking copy). Images are read and cropped ONE AT A TIME, not read as a batch first: each
+    image's buffers (record bytes, decoded image, transposed planes, ~200 KB) are then freed before the next is
+    read and malloc hands the same, already mapped pages back. Holding a batch of 64 decoded images (~12 MB) made
+    glibc return that memory to the OS after every batch and fault it in again page by page, which cost more CPU
+    than the decoding itself (~200 us per image measured on the 2-core machine; benchmarks/input_pipeline.py).
     """
 
-    def __init__(self, source: RandomAccessSource, cfg: ml_collections.ConfigDict, seed: int):
+    def __init__(self, source: RandomAccessSource, cfg: ml_collections.ConfigDict, seed: int, *,
+                 uint8_hand_over: bool = False):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self._source = source
@@ -216,25 +294,59 @@ class _TrainBatch:
         self._specs = crop_specs(cfg)
         self._params = augment_params(cfg)
         self._seed = seed
+        self._uint8 = uint8_hand_over
+        if uint8_hand_over and not augment.uint8_transfer_applies(self._params):
+            raise ValueError("the uint8 hand-over supports only the flip and blur augmentations")
+        self._arrays = _RecycledBatchArrays()
 
     def __call__(self, pairs: np.ndarray) -> dict[str, Any]:
-        indices = [int(i) for i in pairs[:, 1]]
-        getitems = getattr(self._source, "__getitems__", None)
-        elements = getitems(indices) if getitems is not None else [self._source[i] for i in indices]
+        positions, indices = pairs[:, 0].tolist(), pairs[:, 1].tolist()
         crops: tuple[np.ndarray, ...] | None = None
         row_ids = np.empty(len(indices), np.int64)
-        for j, (position, index, element) in enumerate(zip(pairs[:, 0].tolist(), indices, elements)):
+        blur = np.zeros((len(self._specs), len(indices), 2), np.float32) if self._uint8 else None
+        for j, (position, index) in enumerate(zip(positions, indices)):
+            element = self._source[index]
             image = _image_of(element, index)
             if crops is None:  # the channel count is known once the first image is read
                 channels = image.shape[2]
-                crops = tuple(np.empty((len(indices), s.size, s.size, channels), np.float32) for s in self._specs)
+                crops = self._arrays.get(tuple((len(indices), s.size, s.size, channels) for s in self._specs),
+                                         np.uint8 if self._uint8 else np.float32)
             elif image.shape[2] != crops[0].shape[3]:
                 raise ValueError(f"source row {index} (row_id {element.get('row_id')}): {image.shape[2]} channels, "
                                  f"but this batch's first image has {crops[0].shape[3]}")
             rng = _reused_element_rng(self._seed, position // self._length, index)
-            augment.multi_crop(image, rng, self._specs, self._params, _RATIO, out=[c[j] for c in crops])
+            rows = [c[j] for c in crops]
+            if self._uint8:
+                blur[:, j] = augment.multi_crop_uint8(image, rng, self._specs, self._params, _RATIO, rows)
+            else:
+                augment.multi_crop(image, rng, self._specs, self._params, _RATIO, out=rows)
             row_ids[j] = element["row_id"]
+        self._arrays.put(crops)
+        if self._uint8:
+            return {"crops_uint8": crops, "blur": blur, "row_id": row_ids}
         return {"crops": crops, "row_id": row_ids}
+
+
+class _FinishUint8Batch:
+    """Parent-side map after the worker processes: uint8 crops + blur weights → the float32 batch ``_TrainBatch``
+    computes in-process (bit for bit; ``augment.finish_crops``), into recycled arrays.
+
+    Why: Grain hands every worker batch over in a NEW shared-memory block, whose pages fault in one by one, in the
+    worker as it copies the batch in and in this process as it reads it. For 5 x 4 MB of float32 crops that was
+    ~0.5 ms of worker CPU per image on the 2-core machine, more than computing the crops; uint8 crops are a quarter
+    of the bytes, and x/255 plus the occasional blur cost ~40 us per image here (benchmarks/input_pipeline.py).
+    """
+
+    def __init__(self):
+        self._arrays = _RecycledBatchArrays()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        crops_u8 = batch["crops_uint8"]
+        crops = self._arrays.get(tuple(c.shape for c in crops_u8))
+        for k, (c, target) in enumerate(zip(crops_u8, crops)):
+            augment.finish_crops(c, batch["blur"][k], out=target)
+        self._arrays.put(crops)
+        return {"crops": crops, "row_id": np.asarray(batch["row_id"])}
 
 
 class _EvalElement:
@@ -294,7 +406,7 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _to_iter(ds: grain.MapDataset, read_threads: int, prefetch_buffer_size: int, worker_count: int,
-             worker_buffer_size: int) -> grain.IterDataset:
+             worker_buffer_size: int, after_workers=None) -> grain.IterDataset:
     # Grain's default ReadOptions (16 threads, 500 elements) oversubscribe a small machine: set them explicitly.
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=int(prefetch_buffer_size))
@@ -304,6 +416,8 @@ def _to_iter(ds: grain.MapDataset, read_threads: int, prefetch_buffer_size: int,
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=int(worker_count), per_worker_buffer_size=int(worker_buffer_size))
         )
+        if after_workers is not None:
+            it_ds = it_ds.map(after_workers)
     return it_ds
 
 
@@ -330,20 +444,19 @@ def create_train_dataset(
     ds = grain.MapDataset.range(length)
     if cfg.shuffle:
         ds = ds.seed(seed).shuffle()
-    ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map_with_index(_position_and_index)
-    if cfg.num_epochs is not None:
-        # Keep whole global batches so every process yields the same number of local batches.
-        full = (len(ds) // int(cfg.batch_size)) * int(cfg.batch_size)
-        if full == 0:
-            raise ValueError(
-                f"{length} images × {cfg.num_epochs} epochs do not fill one global batch of {cfg.batch_size}"
-            )
-        ds = ds[:full]
-    ds = ds[process_index::process_count]
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(_TrainBatch(source, cfg, seed))
-    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, cfg.worker_count, cfg.worker_buffer_size)
+    stream = ds.repeat(cfg.num_epochs)
+    # Whole global batches only, so every process yields the same number of local batches (the stream's tail is
+    # dropped when num_epochs is finite).
+    global_batches = len(stream) // int(cfg.batch_size)
+    if global_batches == 0:
+        raise ValueError(f"{length} images × {cfg.num_epochs} epochs do not fill one global batch of {cfg.batch_size}")
+    ds = grain.MapDataset.range(global_batches).map(_LocalBatchPairs(stream, local_batch, process_index,
+                                                                     process_count))
+    # With worker processes, the workers hand over uint8 crops and this process finishes them (_FinishUint8Batch).
+    uint8_hand_over = cfg.worker_count > 0 and augment.uint8_transfer_applies(augment_params(cfg))
+    ds = ds.map(_TrainBatch(source, cfg, seed, uint8_hand_over=uint8_hand_over))
+    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, cfg.worker_count, cfg.worker_buffer_size,
+                    _FinishUint8Batch() if uint8_hand_over else None)
 
 
 def create_eval_dataset(

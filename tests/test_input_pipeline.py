@@ -158,6 +158,57 @@ def test_multi_crop_is_box_then_resized_crop_then_augment():
             assert np.isnan(batch[0]).all() and np.isnan(batch[2]).all()
 
 
+@pytest.mark.parametrize("shape", [(256, 256, 1), (48, 64, 1), (70, 90, 1), (40, 24, 3), (8, 8, 1)])
+def test_transposed_planes_are_the_transpose(shape):
+    """Both transposes (8x8 word tiles for one channel with sides multiple of 8, a plain loop otherwise)."""
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(A.transposed_planes(image), image.transpose(2, 1, 0))
+    # A non-contiguous view takes the plain loop and gives the same planes.
+    wide = np.concatenate([image, image], axis=1)[:, : shape[1]]
+    np.testing.assert_array_equal(A.transposed_planes(wide), image.transpose(2, 1, 0))
+
+
+def test_uint8_hand_over_then_finish_is_multi_crop_bit_for_bit():
+    """What worker processes hand over (uint8 crops + blur weights) finishes into exactly multi_crop's floats."""
+    image = np.random.default_rng(12).integers(0, 256, (90, 70, 2), dtype=np.uint8)
+    specs = (A.CropSpec(32, 1.0, 1.0), A.CropSpec(24, 0.3, 0.6), A.CropSpec(16, 0.5, 0.5))
+    blurred = 0
+    for params in (None, A.AugmentParams(hflip_p=0.5, blur_p=0.5)):
+        for seed in range(30):
+            expected = A.multi_crop(image, np.random.default_rng(seed), specs, params)
+            rows = [np.zeros((s.size, s.size, 2), np.uint8) for s in specs]
+            blur = A.multi_crop_uint8(image, np.random.default_rng(seed), specs, params, (3 / 4, 4 / 3), rows)
+            blurred += int((blur[:, 1] != 0).sum())
+            for k, crop in enumerate(expected):
+                np.testing.assert_array_equal(A.finish_crops(rows[k][None], blur[k : k + 1])[0], crop)
+    assert blurred > 0
+    assert not A.uint8_transfer_applies(A.AugmentParams(brightness=0.2))
+    with pytest.raises(ValueError, match="flip and blur"):
+        A.multi_crop_uint8(image, np.random.default_rng(0), specs, A.AugmentParams(vflip_p=0.5), (3 / 4, 4 / 3),
+                           [np.zeros((s.size, s.size, 2), np.uint8) for s in specs])
+
+
+def test_batch_arrays_are_reused_only_once_released():
+    """Batches are written into recycled arrays: one still held (whole, or through a view) is never overwritten."""
+    source = InMemorySource(64)
+    cfg = small_config(batch_size=4, read_threads=0)
+    reference = take(ip.create_train_dataset(source, cfg, seed=5, process_index=0, process_count=1), 8)
+    it = iter(ip.create_train_dataset(source, cfg, seed=5, process_index=0, process_count=1))
+    held = next(it)
+    view = next(it)["crops"][1][:2]  # only a view of batch 1's second crop array survives
+    released = next(it)
+    released_ids = [id(c) for c in released["crops"]]
+    del released
+    later = [next(it) for _ in range(5)]
+    assert_batches_equal([held], reference[:1])
+    np.testing.assert_array_equal(view, reference[1]["crops"][1][:2])
+    assert_batches_equal(later, reference[3:])
+    # The released arrays did come back (the point of recycling), the held ones did not.
+    later_ids = {id(c) for batch in later for c in batch["crops"]}
+    assert set(released_ids) <= later_ids
+    assert not {id(c) for c in held["crops"]} & later_ids
+
+
 def test_multi_crop_boxes_follow_their_specs():
     cfg = ip.default_input_config()
     image = np.random.default_rng(3).integers(0, 256, (256, 256, 1), dtype=np.uint8)
