@@ -112,3 +112,49 @@ def test_sharded_extraction_on_8_devices_equals_one_device(dataset, tmp_path):
     fcols = [c for c in a.columns if c.startswith("f")]
     np.testing.assert_allclose(a[fcols].to_numpy(), b[fcols].to_numpy(), atol=1e-6)
     assert pq.read_schema(tmp_path / "f8.parquet").metadata[b"cellssl_jax.features"]
+
+
+_TWO_PROCESSES = r"""
+import sys, jax
+from cellssl_jax.parallel import initialize_distributed
+initialize_distributed()  # CELLSSL_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID from the environment
+from cellssl_jax.features import extract_features
+from cellssl_jax.models.convae import ConvAE, init_params
+model = ConvAE(encoder_widths=(8, 8, 8), decoder_widths=(8, 8, 8))
+params = init_params(model, jax.random.key(0), image_size=32)
+assert jax.process_count() == 2 and jax.device_count() == 2, (jax.process_count(), jax.devices())
+extract_features(params, model, sys.argv[1], sys.argv[2], batch_size=4, image_size=32, progress=False)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_jax_processes_write_the_same_features_as_one(dataset, tmp_path):
+    """Each process reads its own share of the rows; process 0 gathers and writes every row once, in one file."""
+    one = tmp_path / "one.parquet"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", _SHARDED, str(dataset), str(one), "1"], check=True, env=env, cwd=ROOT,
+                   timeout=300)
+    two, port = tmp_path / "two.parquet", _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(dataset), str(two)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, CELLSSL_COORDINATOR=f"127.0.0.1:{port}", CELLSSL_NUM_PROCESSES="2",
+                                       CELLSSL_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    a, b = pd.read_parquet(one), pd.read_parquet(two)
+    assert len(b) == len(a) == 11 and b["Metadata_Well"].is_unique
+    assert list(a.columns) == list(b.columns)
+    b = b.set_index("Metadata_Well").loc[a["Metadata_Well"]].reset_index()[list(a.columns)]
+    fcols = [c for c in a.columns if c.startswith("f")]
+    np.testing.assert_allclose(a[fcols].to_numpy(), b[fcols].to_numpy(), atol=1e-6)
+    assert a["Metadata_Extra"].tolist() == b["Metadata_Extra"].tolist()
