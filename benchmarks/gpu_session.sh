@@ -9,7 +9,11 @@
 # float32 at batch 256; the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
 # processes feeding the bf16 step). About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
 # added ~50 s of XLA autotuning per formulation, so it is left out here). Python packages that the
-# machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present.
+# machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present;
+# fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     grain==0.2.18 array-record==0.8.6 ml_collections==1.1.0 portpicker
 set -u
 PY=${1:-python3}
 OUT=${OUT:-/tmp/gpu_logs}
