@@ -103,12 +103,12 @@ def main(argv=None) -> int:
     jax.block_until_ready(metrics)
     print(f"warm-up (first batch + compilation): {time.perf_counter() - t:.1f} s", flush=True)
 
-    def loop(fetch):
+    def loop(fetch, steps):
         """Steps fed by fetch() (a host batch, or None: reuse the first); returns wall, next() waits, transfer times."""
         nonlocal state
         waits, puts, pending = [], [], None
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             t = time.perf_counter()
             local = fetch()
             t1 = time.perf_counter()
@@ -124,27 +124,26 @@ def main(argv=None) -> int:
 
     # Alternate the two loops in halves (data, compute, data, compute) so a change of machine load hits both alike.
     half = max(1, args.steps // 2)
-    steps, args.steps = args.steps, half
     load_before = platform_load()
     wall_data = wall_compute = 0.0
     waits, puts = [], []
     for _ in range(2):
-        w, ws, ps = loop(lambda: next(iterator))
+        w, ws, ps = loop(lambda: next(iterator), half)
         wall_data, waits, puts = wall_data + w, waits + ws, puts + ps
-        w, _, _ = loop(lambda: None)
+        w, _, _ = loop(lambda: None, half)
         wall_compute += w
     load_after = platform_load()
-    args.steps = 2 * half
-    images = args.batch * args.steps
-    idle = max(0.0, wall_data - wall_compute) / args.steps
-    print(f"\nload average before/after: {load_before} / {load_after}; {args.steps} steps each way "
-          f"(asked {steps}), in alternating halves")
+    steps = 2 * half
+    images = args.batch * steps
+    idle = max(0.0, wall_data - wall_compute) / steps
+    print(f"\nload average before/after: {load_before} / {load_after}; {steps} steps each way "
+          f"(asked {args.steps}), in alternating halves")
     print(f"wait in next(iterator) per step (the pipeline not ready): median {1e3 * statistics.median(waits):.1f} ms, "
           f"mean {1e3 * statistics.mean(waits):.1f} ms, max {1e3 * max(waits):.1f} ms")
     print(f"host-to-device transfer (global_batch) per step: median {1e3 * statistics.median(puts):.1f} ms")
-    print(f"step wall: with data {1e3 * wall_data / args.steps:.0f} ms, compute only "
-          f"{1e3 * wall_compute / args.steps:.0f} ms; difference {1e3 * idle:.0f} ms/step "
-          f"({100 * idle / (wall_data / args.steps):.0f}% of the step; on a loaded CPU this includes the pipeline's "
+    print(f"step wall: with data {1e3 * wall_data / steps:.0f} ms, compute only "
+          f"{1e3 * wall_compute / steps:.0f} ms; difference {1e3 * idle:.0f} ms/step "
+          f"({100 * idle / (wall_data / steps):.0f}% of the step; on a loaded CPU this includes the pipeline's "
           f"CPU use slowing the step)")
     print(f"throughput: {images / wall_data:.1f} images/s with data, {images / wall_compute:.1f} compute only "
           f"(images = batch × steps; a per_crop step trains on each image {sum(cfg.nmb_crops)} times)")

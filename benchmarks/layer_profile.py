@@ -95,7 +95,7 @@ def main(argv=None) -> int:
           f"({peak_what}); {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", flush=True)
 
     rng = np.random.default_rng(0)
-    rows = []
+    timed = {}  # layer name -> {form: (label, forward s, train s, forward FLOP, train FLOP)}
     for name, side, ci, co, up, relu in LAYERS:
         out_side = side * 2 if up else side
         fwd_flop = 2 * 9 * ci * co * out_side**2 * args.batch
@@ -122,23 +122,22 @@ def main(argv=None) -> int:
                     times[what].append(timed_once(call, jax.block_until_ready) / k)
             label = name + (f" ({form})" if up or form == "matmul" else "")
             fwd_s, train_s = statistics.median(times["forward"]), statistics.median(times["train"])
-            rows.append((label, fwd_s, train_s, fwd_flop, train_flop, form))
+            timed.setdefault(name, {})[form] = (label, fwd_s, train_s, fwd_flop, train_flop)
             print(f"  {label}: forward {1e3 * fwd_s:.3f} ms, train {1e3 * train_s:.3f} ms", flush=True)
 
     for form in args.forms:
-        chosen = [r for r in rows if r[5] == form or "(" not in r[0]]
-        if form == args.forms[0]:
-            matmul = [r for r in rows if r[5] == "matmul"]
-            if matmul:  # the plain_1ch formulation: this form with the one-channel layers as matrix products
-                chosen = chosen + matmul
-                chosen = [r for r in chosen if not (r[0] + " (matmul)" in [m[0] for m in matmul])]
+        # per layer: this form where the layer has one (the upsampling layers), else the layer's only row; the first
+        # form's table takes the matrix-product rows of the one-channel layers (formulation plain_1ch)
+        preferred = (form, "matmul") if form == args.forms[0] else (form,)
+        chosen = [next((by_form[f] for f in reversed(preferred) if f in by_form), next(iter(by_form.values())))
+                  for by_form in timed.values()]
         total = sum(r[2] for r in chosen)
         title = f"{form} form" + (" with the one-channel layers as matrix products (formulation plain_1ch)"
-                                  if any(r[5] == "matmul" for r in chosen) else "")
+                                  if any(r[0].endswith("(matmul)") for r in chosen) else "")
         print(f"\n== {title}: training work of the 8 layers alone, batch {args.batch}, {args.dtype}")
         print("| layer | forward ms | train ms | share of train | model TFLOP/s (train) | of matmul peak |")
         print("|---|---|---|---|---|---|")
-        for label, fwd_s, train_s, _, train_flop, _ in chosen:
+        for label, fwd_s, train_s, _, train_flop in chosen:
             tflops = train_flop / train_s / 1e12
             print(f"| {label} | {1e3 * fwd_s:.3f} | {1e3 * train_s:.3f} | {100 * train_s / total:.0f}% | "
                   f"{tflops:.2f} | {100 * tflops * 1e3 / peak:.0f}% |")
