@@ -125,6 +125,24 @@ def machine_line() -> str:
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
 
 
+def fma_peak_per_core() -> float:
+    """Fused multiply-adds per second of one core, from a float64 matrix product (numpy's BLAS on one thread).
+
+    A d-dimensional DTW cell needs d multiply-adds for its local cost alone, so peak / d bounds the cells/s that any
+    exact float64 kernel can reach on this core at that d, before the DP itself."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((1500, 1500)), rng.standard_normal((1500, 1500))
+    best = np.inf
+    with threadpool_limits(1):
+        for _ in range(4):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    return 1500 ** 3 / best
+
+
 def rate(cells: int, seconds: float) -> str:
     return f"{cells / seconds / 1e9:.2f}"
 
@@ -191,6 +209,11 @@ def main() -> None:
           "*dtaidistance*: `distance_matrix_fast` (OpenMP); *tslearn*: `cdist_dtw`. "
           "G cells/s = DP cells inside the band / second. Ratios = their time / ours; the CPU ratio divides "
           "process CPU seconds, which a busy shared machine disturbs less than wall time.\n")
+    peak = fma_peak_per_core()
+    print(f"Roofline: one core's float64 matrix product runs {peak / 1e9:.1f} G multiply-adds/s; a d-dimensional cell "
+          "needs d of them for its local cost, so no exact float64 kernel exceeds "
+          + ", ".join(f"{peak / d / 1e9:.2f} G cells/s per core at d = {d}" for d in args.dims)
+          + " (before the DP's own min/add).\n")
     print("| N | d | band | G cells | ours s | ours G cells/s | 1 thread s | per core G cells/s (wall) "
           "| per core G cells/s (CPU) | dtaidistance s | dtaidistance G cells/s | × dtaidistance (wall) "
           "| × dtaidistance (CPU) | tslearn s | × tslearn | max abs diff |")

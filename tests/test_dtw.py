@@ -181,6 +181,21 @@ def test_every_entry_point_gives_identical_distances(univariate, multivariate):
         assert np.array_equal(cross, full[:5])
 
 
+@pytest.mark.parametrize("window", [None, 0, 1, 4])
+def test_multivariate_two_row_sweep_on_short_and_mixed_lengths(window):
+    # The multivariate lane kernel runs two rows per sweep until the first lane ends, then one row at a time; lengths
+    # 1-13 in one chunk give odd and even row counts, lanes that end on either row of a pair, and bands of every width.
+    rng = np.random.default_rng(11)
+    series = _random_series(rng, 19, 1, 13, d=5)
+    full = dtw.distance_matrix(series, window=window)
+    pairwise = np.array([[dtw.dtw_distance(a, b, window=window) for b in series] for a in series])
+    np.fill_diagonal(pairwise, 0.0)
+    assert np.array_equal(full, pairwise)
+    expected = np.array([[ref.dtw(a, b, window) for b in series] for a in series])
+    np.fill_diagonal(expected, 0.0)
+    _assert_close(full, expected)
+
+
 def test_array_inputs_equal_list_inputs():
     rng = np.random.default_rng(4)
     uni = rng.standard_normal((9, 21))
