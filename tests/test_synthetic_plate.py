@@ -467,6 +467,61 @@ def test_cytotoxic_wells_end_emptier_than_dmso_and_cytostatic_wells_recover(time
     assert abs(none.confluence[-1] - dmso.confluence[-1]) < 0.1
 
 
+def _attached_area_course(line: str, condition, replicate: int, times: np.ndarray) -> np.ndarray:
+    """Summed spread area of the attached cells / field area at each time, from the population alone (no pixels)."""
+    from data_pipelines.synthetic.catalogue import CELL_LINES
+    from data_pipelines.synthetic.design import rng_for
+    from data_pipelines.synthetic.population import AREA0, MITOTIC, PHASE, STATE, Population
+
+    pop = Population(CELL_LINES[line], condition, rng_for(replicate, "gap-test", line, condition.mechanism),
+                     float(times[0]))
+    out = []
+    for t in times:
+        pop.advance_to(float(t))
+        c = pop.cells
+        attached = c[:, STATE] <= MITOTIC
+        out.append((c[attached, AREA0] * (1.0 + np.minimum(c[attached, PHASE], 1.0))).sum() / (256.0 * 256.0))
+    return np.array(out)
+
+
+def _late_gain(curve: np.ndarray) -> float:
+    """How much of its peak the curve still gains (+) or loses (-) over its last third (least-squares slope × span),
+    the shape read-out of cellssl_jax.temporal.effects ('late_change')."""
+    third = curve[-max(2, len(curve) // 3):]
+    return float(np.polyfit(np.arange(len(third)), third, 1)[0] * (len(third) - 1) / curve.max())
+
+
+@pytest.mark.parametrize("line", ["ACHN", "HT29"])
+def test_planted_gap_to_dmso_levels_off_for_mixed_widens_for_cytotoxic_narrows_for_cytostatic(line):
+    """The gap to DMSO in attached area, population only, full response, 3 replicate fields: the mixed gap rises,
+    then levels off inside the 96 h window (it neither keeps widening like the cytotoxic one nor falls back like the
+    cytostatic one). Before the mixed kill phase ended after a hold, it widened to the end like cytotoxic."""
+    from data_pipelines.synthetic.design import Condition
+
+    times = np.arange(-4.0, 97.0, 4.0)
+
+    def mean_area(mechanism: str, onset_h: float) -> np.ndarray:
+        effect = "control" if mechanism == "control" else mechanism
+        response = 0.0 if mechanism == "control" else 1.0
+        cond = Condition(line, "X", 1.0, effect, mechanism, "none", 1.0, 2.0, onset_h, response)
+        return np.mean([_attached_area_course(line, cond, r, times) for r in range(3)], axis=0)
+
+    dmso = mean_area("control", math.nan)
+    post = times > 0
+    gaps = {m: (dmso - mean_area(m, onset))[post] for m, onset in
+            (("mixed", 8.0), ("cytotoxic", 11.0), ("cytostatic", 5.0))}
+    for mechanism, gap in gaps.items():
+        assert gap.max() > 0.4, (mechanism, gap.max())  # every planted effect opens a clear gap
+    mixed, tox, stat = gaps["mixed"], gaps["cytotoxic"], gaps["cytostatic"]
+    assert _late_gain(tox) > 0.1 and tox[-1] > 0.95 * tox.max()  # widens to the end
+    assert stat[-1] < 0.7 * stat.max()  # rises, then narrows
+    # Mixed: rises (its peak is not at the start), then a plateau: over the last third it gains or loses at most a
+    # tenth of its peak and ends near it.
+    assert np.argmax(mixed) > len(mixed) // 3
+    assert abs(_late_gain(mixed)) < 0.1, _late_gain(mixed)
+    assert mixed[-1] > 0.85 * mixed.max()
+
+
 @pytest.mark.slow
 def test_distance_to_dmso_follows_the_papers_prototypes():
     """§5.4: cytotoxic rises to the end; cytostatic rises then falls; no effect stays low. Measured on pixels with

@@ -6,16 +6,35 @@ SIM_STEP_H hours whatever the imaging cadence, so a frame at time t is the same 
 Per step:
 - contact inhibition: the cell cycle slows as the summed spread cell area passes AREA_SOFT of the field and stops at
   AREA_STOP; a packed crowd is drawn compressed to PACKED_AREA (appearance.py);
-- a drug's activity a(t) = magnitude × onset ramp (× recovery for cytostatic drugs) slows the cycle by
-  `arrest × a(t)` and adds a death hazard `kill_per_h × a(t) × susceptibility`;
+- a drug's activity a(t) = magnitude × onset ramp (relaxing after a hold for cytostatic and mixed drugs) slows the
+  cycle by `arrest × a(t)` and adds a death hazard `kill_per_h × k(t) × susceptibility`, where k(t) is a(t) except
+  that it always relaxes to 0 (the kill phase ends with the hold) while a(t) relaxes to the mechanism's `residual`;
 - cells that finish the cycle round up for MITOSIS_H and split in two; dead cells round up, shrink and after
   DEATH_TO_DEBRIS_H (±) fall apart into 1-3 debris specks, which slowly get washed away;
 - live cells crawl (a persistent random walk, slower when crowded) and push each other apart.
 
-Mechanism kinetics (MECHANISM_KINETICS) give the temporal shapes of the paper's prototypes (§5.4) as distance to DMSO:
-cytotoxic = kill + arrest, sustained, so the gap to DMSO widens to the end; cytostatic = near-complete arrest that
-lifts after `hold_h`, so cells catch up while DMSO saturates (the gap rises, then narrows); mixed = partial kill +
-sustained arrest (the gap rises, then levels off). No effect = no activity: the DMSO process itself.
+Mechanism kinetics (MECHANISM_KINETICS) give the temporal shapes of the paper's prototypes (§5.4) as distance to DMSO.
+The DMSO wells of the demo lines grow until ~90 h (attached area 0.24 → 1.28 of the field at 92 h in ACHN, 0.15 →
+1.34 in HT29), so a drug well that merely stops changing still sees its gap widen. Measured on the gap to DMSO in
+attached area (population only, full response, mean of 3 fields, frames every 4 h after the drug; "late change" =
+what the gap gains over the last third as a fraction of its peak, "end/peak" = the gap at 96 h / its peak; the setup
+of tests/test_synthetic_plate.py::test_planted_gap_to_dmso_levels_off...), ACHN / HT29:
+- cytotoxic = kill + arrest, sustained: the well empties (area 0.09 / 0.06 at 92 h) and the gap widens to the end
+  (late change +0.13 / +0.12, end/peak 1.00 / 1.00);
+- cytostatic = near-complete arrest that lifts after `hold_h`: the cells catch up while DMSO saturates, the gap rises,
+  then narrows (late change −0.47 / −0.61, end/peak 0.52 / 0.41);
+- mixed = partial kill + arrest for `hold_h`, then the kill stops and half the arrest stays (`residual`): the area
+  falls to 0.29 / 0.20 by ~50 h, then the survivors regrow (0.47 / 0.41 at 92 h) at about the pace at which DMSO
+  still grows, so the gap rises, then levels off (late change −0.02 / −0.06, end/peak 0.95 / 0.93; at magnitude
+  0.85, about the lowest planted on the demo plates: −0.05 / −0.16, 0.89 / 0.84). With the kinetics before issue #6
+  (kill 0.010, arrest 0.85, both sustained) the mixed well kept losing cells and its gap widened like a cytotoxic
+  one (late change +0.16 / +0.12). On rendered demo plates (seeds 0-2, pooled features of the demo checkpoint,
+  distance to DMSO per planted series, 37 mixed) the mixed late change is now −0.15 median (IQR −0.21 to −0.11),
+  end/peak 0.89, between cytotoxic (+0.18, 0.96) and cytostatic (−0.40, 0.44); it was +0.10 (0.07 to 0.12).
+  Limit: in slow lines whose DMSO wells are still far from confluence at 96 h (doubling ≥ ~40 h; MDAMB231, HS578T,
+  EKVX measured) every gap still widens late: mixed +0.10 to +0.17 vs cytotoxic +0.21 to +0.25, and the cytostatic
+  gap narrows only partly (end/peak 0.76 to 0.88).
+No effect = no activity: the DMSO process itself.
 
 The step is one compiled function over a table of cells (one float64 row per cell or debris speck, columns below)
 with its own SplitMix64 random stream, seeded from the well's generator: nothing global, so wells interleave freely.
@@ -50,11 +69,15 @@ class Kinetics:
     arrest: float  # fraction of cycle progression removed at full activity
     hold_h: float  # how long after the onset the activity holds before it relaxes (inf: sustained)
     relax_h: float = 16.0  # time for the activity to fade after hold_h
+    # Fraction of the activity (arrest and signature) kept once it has relaxed; the killing always stops. 0: the
+    # drug wears off completely (cytostatic); between 0 and 1: the survivors of the kill phase stay partly arrested
+    # (mixed), so they regrow more slowly than released cytostatic cells and the gap to DMSO levels off.
+    residual: float = 0.0
 
 
 MECHANISM_KINETICS = {
     "cytotoxic": Kinetics(kill_per_h=0.035, arrest=0.7, hold_h=math.inf),
-    "mixed": Kinetics(kill_per_h=0.010, arrest=0.85, hold_h=math.inf),
+    "mixed": Kinetics(kill_per_h=0.015, arrest=0.85, hold_h=36.0, residual=0.5),
     "cytostatic": Kinetics(kill_per_h=0.0, arrest=0.97, hold_h=36.0),
 }
 
@@ -64,18 +87,32 @@ def _smoothstep(x: float) -> float:
     return x * x * (3.0 - 2.0 * x)
 
 
-def drug_activity(condition: Condition, t_h: float) -> float:
-    """How strongly the drug acts at time t (0..1): the magnitude times the onset ramp, times the recovery for
-    cytostatic drugs. 0 for controls, no-effect drugs and concentrations below the threshold."""
-    m = condition.magnitude
-    if m == 0.0:
-        return 0.0
+def _onset_and_relaxation(condition: Condition, t_h: float) -> tuple[float, float]:
+    """(magnitude × onset ramp, how far the activity has relaxed after the hold: 0..1) at time t."""
     kin = MECHANISM_KINETICS[condition.mechanism]
     since_onset = t_h - condition.onset_h
-    activity = m * _smoothstep(since_onset / ONSET_RAMP_H)
-    if math.isfinite(kin.hold_h):
-        activity *= 1.0 - _smoothstep((since_onset - kin.hold_h) / kin.relax_h)
-    return activity
+    onset = condition.magnitude * _smoothstep(since_onset / ONSET_RAMP_H)
+    relaxed = _smoothstep((since_onset - kin.hold_h) / kin.relax_h) if math.isfinite(kin.hold_h) else 0.0
+    return onset, relaxed
+
+
+def drug_activity(condition: Condition, t_h: float) -> float:
+    """How strongly the drug acts at time t (0..1): the magnitude times the onset ramp, relaxing after the hold to
+    the mechanism's residual (0 for cytostatic drugs). Drives the arrest and the signature. 0 for controls,
+    no-effect drugs and concentrations below the threshold."""
+    if condition.magnitude == 0.0:
+        return 0.0
+    onset, relaxed = _onset_and_relaxation(condition, t_h)
+    return onset * (1.0 - relaxed * (1.0 - MECHANISM_KINETICS[condition.mechanism].residual))
+
+
+def kill_activity(condition: Condition, t_h: float) -> float:
+    """How strongly the drug kills at time t (0..1): as drug_activity, but it relaxes to 0 whatever the residual
+    (the kill phase ends with the hold)."""
+    if condition.magnitude == 0.0:
+        return 0.0
+    onset, relaxed = _onset_and_relaxation(condition, t_h)
+    return onset * (1.0 - relaxed)
 
 
 # Cell states.
@@ -396,9 +433,8 @@ class Population:
 
     def advance_to(self, t_h: float) -> None:
         while self.t_h < t_h - 1e-9:
-            act = self.activity()
-            arrest = self.kinetics.arrest * act if self.kinetics else 0.0
-            kill = self.kinetics.kill_per_h * act if self.kinetics else 0.0
+            arrest = self.kinetics.arrest * self.activity() if self.kinetics else 0.0
+            kill = self.kinetics.kill_per_h * kill_activity(self.condition, self.t_h) if self.kinetics else 0.0
             if len(self._spare) < 4 * self._n + 8:  # room for every cell to divide or crumble
                 self._spare = np.zeros((2 * (4 * self._n + 8), N_COLUMNS))
             self._n = _step(self._table, self._n, self._spare, self._state, self._line, arrest, kill)
