@@ -485,10 +485,11 @@ def _attached_area_course(line: str, condition, replicate: int, times: np.ndarra
 
 
 def _late_gain(curve: np.ndarray) -> float:
-    """How much of its peak the curve still gains (+) or loses (-) over its last third (least-squares slope × span),
-    the shape read-out of cellssl_jax.temporal.effects ('late_change')."""
-    third = curve[-max(2, len(curve) // 3):]
-    return float(np.polyfit(np.arange(len(third)), third, 1)[0] * (len(third) - 1) / curve.max())
+    """How much of its peak the curve still gains (+) or loses (-) over its last third: the temporal analysis's own
+    shape read-out ('late_change'), unsmoothed."""
+    from cellssl_jax.temporal.effects import shape_features
+
+    return shape_features(curve, smooth=False).late_change
 
 
 @pytest.mark.parametrize("line", ["ACHN", "HT29"])

@@ -444,6 +444,7 @@ def _cost8_col(Ai0, Ai1, Bj, d):
 
 @njit
 def _cell8(diag, up, left, cost, j, i, fs, fe, lo, hi):
+    """One DP cell for 8 lanes: min(min(diag, up), left) + cost, masked per lane outside [fs, fe]."""
     v = _add8(_min8(_min8(diag, up), left), cost)
     if j < fs or j > fe:
         v = _mask8(v, np.int64(j) - i, lo, hi)
@@ -507,9 +508,7 @@ def _cost8_pair(Ai, Bj0, Bj1, d):
 @njit
 def _step8(row, j, i, diag, left, cost, fs, fe, lo, hi):
     up = _load8(row, j)
-    v = _add8(_min8(_min8(diag, up), left), cost)
-    if j < fs or j > fe:
-        v = _mask8(v, np.int64(j) - i, lo, hi)
+    v = _cell8(diag, up, left, cost, j, i, fs, fe, lo, hi)
     _store8(row, j, v)
     return up, v
 
