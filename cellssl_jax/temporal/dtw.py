@@ -19,14 +19,14 @@ Values must be finite: NaN padding (tslearn's variable-length format) is refused
 How the all-pairs kernel is fast: it runs 8 pairs at once, one per SIMD lane. The DP state of the 8 pairs lives in
 8-tuples of floats; LLVM's SLP vectoriser turns each tuple operation into two AVX2 instructions, and the row carried
 along j (the "left" and "diagonal" cells) stays in registers. Pairs are ordered by series length so that the 8 pairs
-of one chunk have nearly the same shape; lanes with shorter series are padded (cells past a lane's end never feed
-back into its result) and each lane reads its result at its own end cell. The kernel enumerates its pairs itself and
+of one chunk have nearly the same shape; lanes with shorter series are padded with whatever the lane held before
+(cells past a lane's end never feed back into its result) and each lane reads its result at its own end cell. The kernel enumerates its pairs itself and
 writes each distance straight into the result, so a 20,000-series matrix needs no scratch beyond a few small per-thread
 buffers; ``condensed=True`` never allocates N x N.
 For d > 1 the kernel sweeps two rows at a time and computes the costs of 2 x 2 cells together, so that each vector
 it loads serves two cells and eight independent fused multiply-add chains keep the FMA units busy. The threads each
 run one plain (non-parallel) worker function over their share of chunks: with the lane kernel inlined straight into
-numba's parallel-loop body, LLVM generated code 25-40% slower (measured).
+numba's parallel-loop body, LLVM generated code 20-40% slower (measured).
 All kernels do the same float operations in the same order (cost summed over dimensions from 0 up, each term added
 with one fused multiply-add, then ``min(min(diag, up), left) + cost``, sqrt at the end), so every entry point
 returns bit-identical distances.
