@@ -20,9 +20,9 @@ How the all-pairs kernel is fast: it runs 8 pairs at once, one per SIMD lane. Th
 8-tuples of floats; LLVM's SLP vectoriser turns each tuple operation into two AVX2 instructions, and the row carried
 along j (the "left" and "diagonal" cells) stays in registers. Pairs are ordered by series length so that the 8 pairs
 of one chunk have nearly the same shape; lanes with shorter series are padded with whatever the lane held before
-(cells past a lane's end never feed back into its result) and each lane reads its result at its own end cell. The kernel enumerates its pairs itself and
-writes each distance straight into the result, so a 20,000-series matrix needs no scratch beyond a few small per-thread
-buffers; ``condensed=True`` never allocates N x N.
+(cells past a lane's end never feed back into its result) and each lane reads its result at its own end cell. The
+kernel enumerates its pairs itself and writes each distance straight into the result, so a 20,000-series matrix needs
+no scratch beyond a few small per-thread buffers; ``condensed=True`` never allocates N x N.
 For d > 1 the kernel sweeps two rows at a time and computes the costs of 2 x 2 cells together, so that each vector
 it loads serves two cells and eight independent fused multiply-add chains keep the FMA units busy. The threads each
 run one plain (non-parallel) worker function over their share of chunks: with the lane kernel inlined straight into
