@@ -6,6 +6,7 @@
   python evaluate.py temporal     --distances distances.csv --out DIR
   python evaluate.py import-torch --weights ../shared/reference/convae_pheno_ml.torch --workdir runs/authors
   python evaluate.py export       --checkpoint runs/demo/train --out runs/demo/export/convae.pt   (or .safetensors)
+  python evaluate.py lens         --lens runs/demo/lens --data runs/demo/dataset --out runs/demo/lens_eval
   python evaluate.py report       --run runs/demo
 """
 
@@ -55,6 +56,16 @@ def _export(a):
         print(path)
         if a.check:
             print(json.dumps(check_export_parity(a.checkpoint, path), indent=2))
+
+
+def _lens(a):
+    from cellssl_jax.lens import evaluate_lens
+
+    summary = evaluate_lens(a.lens, a.data, a.out, probe_epochs=a.probe_epochs, seeds=tuple(range(a.probe_seeds)),
+                            paper_faithful=True if a.paper_faithful else None)
+    print(json.dumps({k: summary[k] for k in ("images", "joint_classifier", "best_probe", "comparison_test")
+                      if k in summary}, indent=2, default=str))
+    print(f"tables, figures and summary.json in {a.out}")
 
 
 def _report(a):
@@ -107,6 +118,16 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="FILE.pt, FILE.safetensors, or a stem for both")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the PyTorch parity check")
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser("lens", help="held-out top-1/top-3 with and without a trained lens; importance maps")
+    p.add_argument("--lens", required=True, help="a lens training workdir (train.py --config configs/lens.py)")
+    p.add_argument("--data", required=True, help="the built dataset the lens was trained on")
+    p.add_argument("--out", required=True)
+    p.add_argument("--probe-epochs", type=int, default=30, help="epochs of each fresh linear probe (authors: 30)")
+    p.add_argument("--probe-seeds", type=int, default=1, help="seeds per grid point (more: a tighter comparison)")
+    p.add_argument("--paper-faithful", action="store_true",
+                   help="also report the authors' figure: training-split top-3 at the best training F1 (§6.4)")
+    p.set_defaults(fn=_lens)
 
     p = sub.add_parser("report", help="one HTML report from a run folder")
     p.add_argument("--run", required=True)

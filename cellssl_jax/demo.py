@@ -11,7 +11,8 @@ training stage resumes from its last checkpoint):
  5. interop   export to PyTorch (.pt, .safetensors) + parity; authors' weights → export/, authors/
  6. features  encoder features of every image (flattened latent, pooled)       → features_*.parquet
  7. temporal  distance-to-DMSO curves, DTW clustering, effects vs ground truth  → temporal_*/
- 8. report    one HTML page                                                     → report.html
+ 8. lens      the regularized lens (configs/lens.py:demo) and its evaluation    → lens/, lens_eval/
+ 9. report    one HTML page                                                     → report.html
 
 It calls the same library functions as the CLIs (``train.py``, ``evaluate.py``, ``python -m data_pipelines.*``).
 """
@@ -67,7 +68,7 @@ class Run:
 
     def record(self, stage: dict) -> None:
         self.summary["stages"] = [s for s in self.summary["stages"] if s["name"] != stage["name"]] + [stage]
-        order = ["plate", "dataset", "crops", "train", "interop", "features", "temporal"]
+        order = ["plate", "dataset", "crops", "train", "interop", "features", "temporal", "lens"]
         self.summary["stages"].sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
         self.path.write_text(json.dumps(self.summary, indent=2, default=str))
 
@@ -205,6 +206,67 @@ def stage_temporal(run: Run, seed: int) -> dict:
             "figures_of_merit": fom, "figures": figures, "tables": tables}
 
 
+def stage_lens(run: Run) -> dict:
+    from cellssl_jax.lens import evaluate_lens
+    from cellssl_jax.training.loop import train_and_evaluate
+    from configs import lens as lens_config
+
+    cfg = lens_config.get_config("demo")
+    cfg.dataset_dir = str(run.dir / "dataset")
+    # The paper's lens started from the authors' trained ConvAE; so does the demo's when their checkpoint was
+    # imported (stage interop). The demo's own 40-step ConvAE is the fallback, but its reconstructions do not yet
+    # carry single cells, and a lens started from it stayed at chance in 92 steps (LENS_FALLBACK_NOTE).
+    authors = run.dir / "authors"
+    pretrained = authors if (authors / "checkpoints").is_dir() else run.dir / "train"
+    cfg.lens.pretrained = str(pretrained)
+    cfg.input.size_crops = (128,) if pretrained == authors else (64,)
+    summary = train_and_evaluate(cfg, run.dir / "lens")
+    result = evaluate_lens(run.dir / "lens", run.dir / "dataset", run.dir / "lens_eval", probe_epochs=30,
+                           seeds=(0, 1), progress=False)
+    # The authors' own figure of merit (training-split top-3 at the best training F1, double softmax, raw codes),
+    # on the same lens: what their "+8%" measured.
+    paper = evaluate_lens(run.dir / "lens", run.dir / "dataset", run.dir / "lens_eval_paper_protocol",
+                          probe_epochs=30, seeds=(0, 1), paper_faithful=True, progress=False)
+    fom = {"pretrained ConvAE": "the authors' (imported)" if pretrained == authors else
+           f"the demo's own ({LENS_FALLBACK_NOTE})",
+           "lens training steps": summary.get("total_steps"), "images train / val / test":
+           " / ".join(str(result["images"][k]) for k in ("train", "val", "test")),
+           "chance top-1 / top-3": f"{result['chance_top1']:.3f} / {result['chance_top3']:.3f}"}
+    for name, best in result["best_probe"].items():
+        fom[f"{name}: held-out top-1 / top-3 (best probe on val)"] = \
+            f"{best['top1_test']:.3f} / {best['top3_test']:.3f}"
+    for label, comparison in (("held-out wells, our probes", result["comparison_test"]["lens"]),
+                              ("authors' protocol: TRAIN split, best train F1",
+                               paper["comparison_paper_protocol"]["lens"])):
+        fom[f"grid mean top-3, no lens → lens ({label})"] = \
+            f"{comparison['mean_baseline']:.3f} → {comparison['mean_method']:.3f} " \
+            f"({comparison['mean_diff']:+.3f}; one-sided Mann–Whitney p×2 = {comparison['p_times_2']:.2g})"
+    joint = result["joint_classifier"]
+    fom["classifier trained with the lens: held-out top-1 / top-3"] = f"{joint['top1_test']:.3f} / " \
+                                                                     f"{joint['top3_test']:.3f}"
+    for row in result.get("maps", []):
+        if row.get("signature") == "all":
+            fom[f"map AUROC vs planted mask: {row['map']}"] = row.get("auroc_mean")
+    figures = [{"path": f"lens_eval/{f['path']}", "caption": f["caption"]} for f in result["figures"]]
+    tables = [{"title": "Probe grid (lr × batch × seed)", "path": "lens_eval/probe_grid.csv", "max_rows": 40},
+              {"title": "Per cell line (held-out wells)", "path": "lens_eval/per_cell_line.csv"}]
+    if (run.dir / "lens_eval" / "map_summary.csv").exists():
+        tables.append({"title": "Importance maps against the planted signature masks",
+                       "path": "lens_eval/map_summary.csv"})
+    return {"title": "8. Morphological analysis: the lens",
+            "text": "A regularized lens (BCE + 60·CE, the classifier term with its gradient, unlike the original "
+                    "code) trained on the last 10 frames of each class's top-concentration wells; fresh linear "
+                    "probes on E(x) and E(L(x)) scored on held-out wells (split by well); the altered-morphology "
+                    "map |AE(x) − L(x)|^1.5 scored against the cells that carry the planted signature, beside two "
+                    "baselines: |AE(x) − x|^1.5 (where the pretrained AE fails) and |x − L(x)|^1.5. The authors' "
+                    "protocol (last figure of merit) scores the TRAINING split: it is shown to compare with their "
+                    "+8%, not as an estimate of accuracy.",
+            "figures_of_merit": fom, "figures": figures, "tables": tables}
+
+
+LENS_FALLBACK_NOTE = "no authors' checkpoint found; held-out accuracy near chance expected"
+
+
 def _set_path(cfg, dotted: str, raw: str) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg
@@ -236,6 +298,7 @@ def main(argv=None) -> int:
         ("interop", lambda: stage_interop(run)),
         ("features", lambda: stage_features(run)),
         ("temporal", lambda: stage_temporal(run, args.seed)),
+        ("lens", lambda: stage_lens(run)),
     ]
     redo = set(args.redo)
     for i, (name, fn) in enumerate(stages):

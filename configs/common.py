@@ -12,6 +12,7 @@ def base_config() -> ConfigDict:
     cfg = ConfigDict()
     cfg.seed = 0
     cfg.dataset_dir = ""  # a data_pipelines.build output folder
+    cfg.objective = "autoencoder"  # or "lens" (configs/lens.py)
 
     # Multi-crop: 1 whole image + 1 crop of 50–75% + 3 of 50% of the area, 128 px, hflip + blur; batch 64 (GLOBAL).
     cfg.input = default_input_config()

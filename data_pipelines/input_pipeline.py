@@ -275,7 +275,8 @@ class _RecycledBatchArrays:
 
 
 class _TrainBatch:
-    """map transform on a batch of (position, source index) pairs → {'crops', 'row_id'}. Picklable for workers.
+    """map transform on a batch of (position, source index) pairs → {'crops', 'row_id'} (+ 'label' when the source's
+    elements carry one). Picklable for workers.
 
     Working on whole batches lets every crop be written straight into its row of the batch arrays (no per-crop
     allocation, no stacking copy). Images are read and cropped ONE AT A TIME, not read as a batch first: each
@@ -303,6 +304,7 @@ class _TrainBatch:
         positions, indices = pairs[:, 0].tolist(), pairs[:, 1].tolist()
         crops: tuple[np.ndarray, ...] | None = None
         row_ids = np.empty(len(indices), np.int64)
+        labels: np.ndarray | None = None  # filled when the source's elements carry a 'label' (the lens task)
         blur = np.zeros((len(self._specs), len(indices), 2), np.float32) if self._uint8 else None
         for j, (position, index) in enumerate(zip(positions, indices)):
             element = self._source[index]
@@ -321,10 +323,15 @@ class _TrainBatch:
             else:
                 augment.multi_crop(image, rng, self._specs, self._params, _RATIO, out=rows)
             row_ids[j] = element["row_id"]
+            if "label" in element:
+                if labels is None:
+                    labels = np.empty(len(indices), np.int32)
+                labels[j] = element["label"]
         self._arrays.put(crops)
+        extra = {"label": labels} if labels is not None else {}
         if self._uint8:
-            return {"crops_uint8": crops, "blur": blur, "row_id": row_ids}
-        return {"crops": crops, "row_id": row_ids}
+            return {"crops_uint8": crops, "blur": blur, "row_id": row_ids, **extra}
+        return {"crops": crops, "row_id": row_ids, **extra}
 
 
 class _FinishUint8Batch:
@@ -346,7 +353,8 @@ class _FinishUint8Batch:
         for k, (c, target) in enumerate(zip(crops_u8, crops)):
             augment.finish_crops(c, batch["blur"][k], out=target)
         self._arrays.put(crops)
-        return {"crops": crops, "row_id": np.asarray(batch["row_id"])}
+        extra = {"label": np.asarray(batch["label"])} if "label" in batch else {}
+        return {"crops": crops, "row_id": np.asarray(batch["row_id"]), **extra}
 
 
 class _EvalElement:
@@ -429,7 +437,8 @@ def create_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """Local batches ``{'crops': tuple of float32 [B_local, S_k, S_k, C] in [0, 1], 'row_id': int64 [B_local]}``.
+    """Local batches ``{'crops': tuple of float32 [B_local, S_k, S_k, C] in [0, 1], 'row_id': int64 [B_local]}``, plus
+    ``'label': int32 [B_local]`` when the source's elements carry a ``label`` (data_pipelines.lens_data).
 
     ``cfg.batch_size`` is global; ``B_local = batch_size // process_count``. Crops are in ``crop_specs(cfg)`` order.
     Defaults of ``process_*`` come from ``jax.process_index()`` / ``jax.process_count()``.

@@ -1,0 +1,93 @@
+"""What the loop needs to train a lens (configs/lens.py) besides what every objective needs: the labelled train
+images of the lens task, the frozen pretrained ConvAE it starts from, and the statistics that standardise the
+classifier's input (objectives/lens.py, ``feature_norm``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from cellssl_jax.models.convae import model_from_config
+from cellssl_jax.training.objectives.lens import LensObjective, feature_norm, flat_latent
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("autoencoder", "lens")
+NORM_IMAGES = 2048  # images the feature statistics are computed on (a seeded sample of the train split)
+
+
+@dataclass(frozen=True)
+class LensSetup:
+    source: Any  # the labelled train split of the lens selection
+    classes: tuple[str, ...]
+    model: Any
+    objective: LensObjective
+    model_record: dict  # the checkpoint's 'model' section: the pretrained architecture at this run's image size
+    pretrained: Any
+    feature_norm: dict
+
+
+def build_lens_setup(config, source) -> LensSetup:
+    """Select the lens task's images (data_pipelines.lens_data), load the pretrained AE, compute the feature norm."""
+    from cellssl_jax.training.checkpoint import load_params
+    from data_pipelines.lens_data import LabelledSource, select_lens_images
+    from data_pipelines.source import load_dataset_manifest
+
+    lens = config.lens
+    if not lens.get("pretrained"):
+        raise ValueError("config.lens.pretrained is empty; pass --config.lens.pretrained=DIR (a training workdir or "
+                         "an imported checkpoint, e.g. runs/demo/train)")
+    if not config.get("dataset_dir"):
+        raise ValueError("the lens objective reads the dataset's manifest: set --config.dataset_dir")
+    selection = select_lens_images(load_dataset_manifest(config.dataset_dir), last_n=int(lens.last_n),
+                                   max_wells=int(lens.max_wells), test_fraction=float(lens.test_fraction),
+                                   val_fraction=float(lens.val_fraction), seed=int(lens.split_seed),
+                                   paper_faithful=bool(lens.paper_faithful))
+    train = selection.part("train")
+    log.info("lens task: %d classes, %d train images (%s)", len(selection.classes), len(train),
+             ", ".join(f"{k} {v}" for k, v in selection.table.split.value_counts().items()))
+    pretrained, pretrained_cfg = load_params(lens.pretrained)
+    model_record = {k: v for k, v in pretrained_cfg.items() if k != "image_size"}
+    for key in ("formulation", "dtype", "micro_batch"):  # speed settings: this run's, not the pretrained run's
+        if config.model.get(key) is not None:
+            model_record[key] = config.model.get(key)
+    image_size = int(config.input.size_crops[0])
+    model_record["image_size"] = image_size
+    model = model_from_config(model_record)
+    objective = LensObjective(model, len(selection.classes), coef=float(lens.coef),
+                              paper_faithful=bool(lens.paper_faithful))
+    labelled = LabelledSource(source, train.source_index.to_numpy(), train.label.to_numpy())
+    norm = feature_norm(_pretrained_features(model, pretrained, labelled, image_size, int(config.seed)),
+                        enabled=not bool(lens.paper_faithful))
+    return LensSetup(source=labelled, classes=selection.classes, model=model, objective=objective,
+                     model_record=model_record, pretrained=pretrained, feature_norm=norm)
+
+
+def _pretrained_features(model, params, source, image_size: int, seed: int) -> np.ndarray:
+    """F(x) of up to NORM_IMAGES train images (whole images at the training size, no augmentation)."""
+    from data_pipelines.input_pipeline import create_eval_dataset
+
+    n = len(source)
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(n, NORM_IMAGES), replace=False))
+    sample = _Subset(source, pick)
+    encode = jax.jit(lambda p, x: flat_latent(model, p, x))
+    parts = []
+    for batch in create_eval_dataset(sample, image_size=image_size, batch_size=64, process_index=0, process_count=1):
+        valid = np.asarray(batch["valid"], bool)
+        parts.append(np.asarray(encode(params, batch["image"]))[valid])
+    return np.concatenate(parts)
+
+
+class _Subset:
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[int(self._indices[index])]
