@@ -297,4 +297,16 @@ def test_lens_trains_resumes_and_evaluates_on_held_out_wells(small_plate, tmp_pa
     assert scores[scores.signature == "none"].auroc.isna().all()  # empty masks are not scored
     for fig in summary["figures"]:
         assert (out / fig["path"]).stat().st_size > 1000
+
+    # the lens exports like any ConvAE, in the authors' Autoencoder layout
+    from cellssl_jax.interop import export_checkpoint
+    from cellssl_jax.interop.convert import torch_to_flax
+    from cellssl_jax.interop.export import load_export
+
+    (exported,) = export_checkpoint(workdir, tmp_path / "lens.safetensors")
+    state_dict, config = load_export(exported)
+    assert config["input_size"] == 32
+    back = torch_to_flax(state_dict)
+    for got, want in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(bundle.params["lens"])):
+        np.testing.assert_array_equal(got, want)
     assert json.loads((out / "summary.json").read_text())["classes"] == list(bundle.classes)

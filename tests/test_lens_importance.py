@@ -325,6 +325,11 @@ def test_plots_write_non_empty_pngs(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
     with pytest.raises(ValueError, match="no rows"):
         plot_examples([], x, ae, lens, maps["lens"], plate_masks, [], tmp_path / "none.png")
+    # real data has no planted masks: four panels, and a narrower figure than the five-panel one
+    from PIL import Image
+
+    no_mask = plot_examples([1, 3], x, ae, lens, maps["lens"], None, titles, tmp_path / "no_mask.png")
+    assert Image.open(no_mask).width < Image.open(out).width
 
     summary = summarise_scores(score_maps(maps, plate_masks, ["rounding", "rounding", "elongation", "none"]))
     out = plot_map_scores(summary, tmp_path / "scores.png", title="test")

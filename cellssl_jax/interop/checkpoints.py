@@ -24,14 +24,23 @@ def import_torch_checkpoint(weights_path: str | Path, workdir: str | Path) -> Pa
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path) -> list[Path]:
-    """A checkpoint (workdir, checkpoints folder or step folder) → ``.pt`` and/or ``.safetensors`` by ``out_path``'s
-    suffix (any other name is a stem for both), each with ``<stem>.json`` beside it. Returns the weight files."""
+    """A checkpoint (workdir, checkpoints folder or step folder; a lens run exports its lens) → ``.pt`` and/or
+    ``.safetensors`` by ``out_path``'s suffix (any other name is a stem for both), each with ``<stem>.json`` beside
+    it. Returns the weight files."""
     params, model_config = load_params(checkpoint_path)
-    return export_params(params, model_config, out_path)
+    return export_params(convae_params(params), model_config, out_path)
 
 
 def check_export_parity(checkpoint_path: str | Path, exported_path: str | Path, n: int = 4, seed: int = 0) -> dict:
     """Load ``exported_path`` into the PyTorch module and compare it with the checkpoint's Flax model (see
     :func:`check_params_parity`)."""
     params, model_config = load_params(checkpoint_path)
-    return check_params_parity(params, model_config, exported_path, n=n, seed=seed)
+    return check_params_parity(convae_params(params), model_config, exported_path, n=n, seed=seed)
+
+
+def convae_params(params):
+    """The ConvAE in a checkpoint's parameters. A lens run (configs/lens.py) holds {'lens', 'classifier',
+    'pretrained', 'feature_norm'}: its ConvAE is the lens, exported in the same layout as the authors' saved lenses
+    (``lens_at_5.torch``, an ``Autoencoder`` state_dict); the pretrained AE it started from is exported from its own
+    run, and the classifier head is not exported."""
+    return params["lens"] if "lens" in params else params

@@ -216,35 +216,36 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
                {"path": str(probe.plot_per_group(per_group, out / "per_cell_line.png")),
                 "caption": "top-1 / top-3 on held-out wells per cell line, best probe of each feature set"}]
 
-    # Importance maps against the planted signature masks (synthetic plates only).
-    maps_summary = None
+    # The altered-morphology maps of the test images; scored against the planted signature masks where the data has
+    # them (synthetic plates), and the examples the lens changed the authors' way (mined as in §6.5).
     rows = arrays["image_rows"]
-    if "mask_path" in table.columns and len(rows) and table.mask_path.iloc[rows].notna().all():
-        from data_pipelines.lens_data import load_masks
-
+    if len(rows):
         x = arrays["image"].astype(np.float32) / 255
         ae = arrays["ae_recon"].astype(np.float32) / 255
         lens_recon = arrays["lens_recon"].astype(np.float32) / 255
-        masks = importance.mask_at(load_masks(table.mask_path.iloc[rows].tolist()), x.shape[-1])
-        maps = {"lens |AE(x) − L(x)|^1.5": importance.importance_map(ae, lens_recon, MAP_EXPONENT),
-                "reconstruction error |AE(x) − x|^1.5": importance.importance_map(ae, x, MAP_EXPONENT),
-                "lens change |x − L(x)|^1.5": importance.importance_map(x, lens_recon, MAP_EXPONENT)}
-        signature = _signatures(table.iloc[rows])
-        scores = importance.score_maps(maps, masks, signature)
-        scores.to_csv(out / "map_scores.csv", index=False)
-        maps_summary = importance.summarise_scores(scores)
-        maps_summary.to_csv(out / "map_summary.csv", index=False)
-        summary["maps"] = json.loads(maps_summary.to_json(orient="records"))
-        figures.append({"path": str(importance.plot_map_scores(maps_summary, out / "map_scores.png")),
-                        "caption": "how well each map points at the cells carrying the planted signature (AUROC; "
-                                   "0.5 = no better than chance)"})
-        lens_map = maps["lens |AE(x) − L(x)|^1.5"]
+        lens_map = importance.importance_map(ae, lens_recon, MAP_EXPONENT)
+        masks = None
+        if "mask_path" in table.columns and table.mask_path.iloc[rows].notna().all():
+            from data_pipelines.lens_data import load_masks
+
+            masks = importance.mask_at(load_masks(table.mask_path.iloc[rows].tolist()), x.shape[-1])
+            maps = {"lens |AE(x) − L(x)|^1.5": lens_map,
+                    "reconstruction error |AE(x) − x|^1.5": importance.importance_map(ae, x, MAP_EXPONENT),
+                    "lens change |x − L(x)|^1.5": importance.importance_map(x, lens_recon, MAP_EXPONENT)}
+            scores = importance.score_maps(maps, masks, _signatures(table.iloc[rows]))
+            scores.to_csv(out / "map_scores.csv", index=False)
+            maps_summary = importance.summarise_scores(scores)
+            maps_summary.to_csv(out / "map_summary.csv", index=False)
+            summary["maps"] = json.loads(maps_summary.to_json(orient="records"))
+            figures.append({"path": str(importance.plot_map_scores(maps_summary, out / "map_scores.png")),
+                            "caption": "how well each map points at the cells carrying the planted signature "
+                                       "(AUROC; 0.5 = no better than chance)"})
         control_classes = [i for i, c in enumerate(bundle.classes) if c in ("DMSO", "PBS")]
         mined = importance.mine_examples(probs["no_lens"][rows], probs["lens"][rows], y[rows], control_classes,
                                          n=n_examples)
         summary["mined_examples"] = {k: int(len(v)) for k, v in mined.items()}
-        if not any(len(v) for v in mined.values()):  # nothing the lens fixed: show the strongest signatures instead
-            mined = {"strongest_signature": np.argsort(-masks.mean(axis=(1, 2)))[:n_examples]}
+        if not any(len(v) for v in mined.values()):  # nothing the lens fixed: show where it changed the most
+            mined = {"largest_change": np.argsort(-lens_map.mean(axis=(1, 2)))[:n_examples]}
         for category, idx in mined.items():
             if not len(idx):
                 continue
@@ -252,7 +253,8 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
                                      bundle.classes) for i in idx]
             path = importance.plot_examples(idx, x, ae, lens_recon, lens_map, masks, titles,
                                             out / f"examples_{category}.png")
-            figures.append({"path": str(path), "caption": f"{category}: image | AE(x) | L(x) | map | planted mask"})
+            figures.append({"path": str(path), "caption": f"{category}: image | AE(x) | L(x) | map"
+                            + (" | planted mask" if masks is not None else "")})
     summary["figures"] = [{**f, "path": str(Path(f["path"]).relative_to(out))} for f in figures]
     (out / "summary.json").write_text(json.dumps(_plain(summary), indent=2))
     return summary

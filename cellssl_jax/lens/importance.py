@@ -340,8 +340,9 @@ def example_titles(rows: Sequence[int], p_nolens: np.ndarray, p_lens: np.ndarray
 
 
 def plot_examples(rows: Sequence[int], x: np.ndarray, ae_recon: np.ndarray, lens_recon: np.ndarray,
-                  maps: np.ndarray, masks: np.ndarray, titles: Sequence[str], path) -> Path:
-    """One row per example: image | AE(x) | L(x) | map | planted mask outlined over the image. Returns the path.
+                  maps: np.ndarray, masks: np.ndarray | None, titles: Sequence[str], path) -> Path:
+    """One row per example: image | AE(x) | L(x) | map | planted mask outlined over the image (no mask column when
+    ``masks`` is None: real data has no planted truth). Returns the path.
 
     Image and reconstructions share the fixed grey scale [0, 1] so AE(x) and L(x) compare by eye; the map is grey
     on its own scale per row (as the authors' ``imshow``), its maximum printed in the panel. ``masks`` may be the
@@ -355,13 +356,17 @@ def plot_examples(rows: Sequence[int], x: np.ndarray, ae_recon: np.ndarray, lens
         raise ValueError(f"plot_examples: {len(titles)} titles for {len(rows)} rows")
     s = np.shape(x)[-1]
     headers = ("image x", "AE(x)", "L(x)", f"map |AE(x) − L(x)|^{AUTHORS_EXPONENT:g}", "planted signature mask")
-    fig, axes = plt.subplots(len(rows), 5, figsize=(12.5, 2.6 * len(rows)), squeeze=False)
+    columns = 5 if masks is not None else 4
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.5 * columns, 2.6 * len(rows)), squeeze=False)
     for r, i in enumerate(rows):
         panels = (x[i], ae_recon[i], lens_recon[i])
         for c, img in enumerate(panels):
             axes[r, c].imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         axes[r, 3].imshow(maps[i], cmap="gray", interpolation="nearest")
         axes[r, 3].text(2, 6, f"max {float(np.max(maps[i])):.3g}", color="yellow", fontsize=7, va="top")
+        axes[r, 0].set_ylabel(titles[r], fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
+        if masks is None:
+            continue
         axes[r, 4].imshow(x[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         m = np.asarray(masks[i])
         on = m if m.dtype == bool else m >= 128
@@ -372,12 +377,11 @@ def plot_examples(rows: Sequence[int], x: np.ndarray, ae_recon: np.ndarray, lens
             axes[r, 4].contour(xx, yy, on.astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
         else:
             axes[r, 4].text(2, 6, "mask empty" if not on.any() else "mask full", color="red", fontsize=7, va="top")
-        axes[r, 0].set_ylabel(titles[r], fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
-        for c in range(5):
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(headers[c], fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for c in range(columns):
+        axes[0, c].set_title(headers[c], fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
