@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from cellssl_jax import parallel
 from cellssl_jax.models.convae import model_from_config
-from cellssl_jax.training.checkpoint import find_step_dir, load_params
+from cellssl_jax.training.checkpoint import find_step_dir, load_config, load_params
 from cellssl_jax.training.objectives.lens import LensObjective, feature_norm, flat_latent, standardize
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,9 @@ class LensBundle:
 
 def load_lens(checkpoint: str | Path) -> LensBundle:
     """A lens training run's latest (or given step's) parameters and config."""
-    from cellssl_jax.training.checkpoint import _read_json_item
-
     step_dir = find_step_dir(checkpoint)
     params, model_cfg = load_params(step_dir)
-    config = _read_json_item(step_dir / "config") or {}
+    config = load_config(step_dir)
     if config.get("objective") != "lens" or not config.get("lens_classes") or set(params) != {
             "lens", "classifier", "pretrained", "feature_norm"}:
         raise ValueError(f"{step_dir} is not a lens checkpoint (train one with configs/lens.py); it holds "
@@ -256,7 +254,7 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
             figures.append({"path": str(path), "caption": f"{category}: image | AE(x) | L(x) | map"
                             + (" | planted mask" if masks is not None else "")})
     summary["figures"] = [{**f, "path": str(Path(f["path"]).relative_to(out))} for f in figures]
-    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_value))
     return summary
 
 
@@ -277,13 +275,8 @@ def _signatures(rows: pd.DataFrame) -> np.ndarray:
     return np.array([one(d) for d in rows.class_name])
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
+def _json_value(value):
+    """numpy scalars and arrays (what the probes and scores return) as JSON values."""
+    if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

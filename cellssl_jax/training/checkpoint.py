@@ -162,6 +162,11 @@ def load_params(checkpoint_path: str | Path, step: int | None = None) -> tuple[A
     return params, config["model"]
 
 
+def load_config(checkpoint_path: str | Path, step: int | None = None) -> dict:
+    """The run config saved with a checkpoint (``{}`` when it has none), from a workdir or step folder."""
+    return _read_json_item(find_step_dir(checkpoint_path, step) / "config") or {}
+
+
 def _read_json_item(item_dir: Path) -> dict | None:
     """An Orbax JSON item (``JsonSave``) as a dict; Orbax's JSON handler names its file ``metadata``."""
     path = item_dir / "metadata"

@@ -61,33 +61,22 @@ def build_lens_setup(config, source) -> LensSetup:
     objective = LensObjective(model, len(selection.classes), coef=float(lens.coef),
                               paper_faithful=bool(lens.paper_faithful))
     labelled = LabelledSource(source, train.source_index.to_numpy(), train.label.to_numpy())
-    norm = feature_norm(_pretrained_features(model, pretrained, labelled, image_size, int(config.seed)),
+    pick = np.sort(np.random.default_rng(int(config.seed)).choice(len(train), min(len(train), NORM_IMAGES),
+                                                                  replace=False))
+    sample = LabelledSource(source, train.source_index.to_numpy()[pick], train.label.to_numpy()[pick])
+    norm = feature_norm(_pretrained_features(model, pretrained, sample, image_size),
                         enabled=not bool(lens.paper_faithful))
     return LensSetup(source=labelled, classes=selection.classes, model=model, objective=objective,
                      model_record=model_record, pretrained=pretrained, feature_norm=norm)
 
 
-def _pretrained_features(model, params, source, image_size: int, seed: int) -> np.ndarray:
-    """F(x) of up to NORM_IMAGES train images (whole images at the training size, no augmentation)."""
+def _pretrained_features(model, params, source, image_size: int) -> np.ndarray:
+    """F(x) of every image of ``source`` (whole images at the training size, no augmentation)."""
     from data_pipelines.input_pipeline import create_eval_dataset
 
-    n = len(source)
-    pick = np.sort(np.random.default_rng(seed).choice(n, min(n, NORM_IMAGES), replace=False))
-    sample = _Subset(source, pick)
     encode = jax.jit(lambda p, x: flat_latent(model, p, x))
     parts = []
-    for batch in create_eval_dataset(sample, image_size=image_size, batch_size=64, process_index=0, process_count=1):
+    for batch in create_eval_dataset(source, image_size=image_size, batch_size=64, process_index=0, process_count=1):
         valid = np.asarray(batch["valid"], bool)
         parts.append(np.asarray(encode(params, batch["image"]))[valid])
     return np.concatenate(parts)
-
-
-class _Subset:
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int):
-        return self._source[int(self._indices[index])]
