@@ -279,7 +279,7 @@ def test_lens_trains_resumes_and_evaluates_on_held_out_wells(small_plate, tmp_pa
     assert bundle.image_size == 32 and bundle.objective.coef == -5.0
     out = tmp_path / "eval"
     summary = evaluate_lens(workdir, small_plate / "dataset", out, probe_epochs=3, lrs=(1e-3, 1e-2),
-                            batch_sizes=(8,), n_examples=2, progress=False)
+                            batch_sizes=(8,), n_examples=2, paper_protocol=True, progress=False)
     selection = pd.read_csv(out / "selection.csv")
     # the evaluation scores wells the lens never trained on
     train_wells = set(selection[selection.split == "train"].well)
@@ -289,6 +289,9 @@ def test_lens_trains_resumes_and_evaluates_on_held_out_wells(small_plate, tmp_pa
     assert set(grid.features) == {"no_lens", "lens"} and len(grid) == 4
     assert 0.0 <= summary["best_probe"]["lens"]["top3_test"] <= 1.0
     assert set(summary["comparison_test"]) == {"lens"}
+    # the authors' figure beside ours: their probes on the same images, scored on the TRAIN split
+    assert summary["comparison_paper_protocol"]["lens"]["split"] == "train"
+    assert len(pd.read_csv(out / "probe_grid_paper_protocol.csv")) == len(grid)
     scores = pd.read_csv(out / "map_scores.csv")
     n_test = int((selection.split == "test").sum())
     assert len(scores) == 3 * n_test  # three maps per held-out image
