@@ -115,6 +115,15 @@ def select_lens_images(manifest: pd.DataFrame, *, last_n: int = 30, max_wells: i
     return LensSelection(table=table, classes=names)
 
 
+def select_with_settings(manifest: pd.DataFrame, settings, *, classes: Sequence[str] | None = None) -> LensSelection:
+    """``select_lens_images`` with the ``lens`` section of a lens config (a ConfigDict, or the dict a checkpoint saved
+    it as): the one place that maps the settings to the selection, so training and evaluation select alike."""
+    return select_lens_images(manifest, last_n=int(settings["last_n"]), max_wells=int(settings["max_wells"]),
+                              test_fraction=float(settings["test_fraction"]),
+                              val_fraction=float(settings["val_fraction"]), seed=int(settings["split_seed"]),
+                              paper_faithful=bool(settings["paper_faithful"]), classes=classes)
+
+
 def _image_split(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
     """The authors' ``train_test_split(test_size=0.1, random_state=42)`` in spirit: images dealt at random."""
     order = np.random.default_rng(seed).permutation(n)

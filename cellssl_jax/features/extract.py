@@ -54,8 +54,7 @@ def feature_function(model: ConvAE, mode: str = "latent", layers: Sequence[str] 
         raise ValueError(f"unknown feature mode {mode!r}; choose one of {FEATURE_MODES}")
 
     def latent(params, images):
-        z = model.apply({"params": params}, images, method="encode").astype(jnp.float32)
-        return jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1)
+        return model.apply({"params": params}, images, method="encode_flat")
 
     def pooled(params, images):
         stages = model.apply({"params": params}, images, method="encode_layers")

@@ -73,15 +73,10 @@ def load_lens(checkpoint: str | Path) -> LensBundle:
 def lens_selection(bundle: LensBundle, dataset_dir: str | Path):
     """The lens run's images, classes and split, selected again from the dataset (the same pure function of the
     manifest and the run's settings the training used)."""
-    from data_pipelines.lens_data import select_lens_images
+    from data_pipelines.lens_data import select_with_settings
     from data_pipelines.source import load_dataset_manifest
 
-    lens = bundle.config["lens"]
-    selection = select_lens_images(load_dataset_manifest(dataset_dir), last_n=int(lens["last_n"]),
-                                   max_wells=int(lens["max_wells"]), test_fraction=float(lens["test_fraction"]),
-                                   val_fraction=float(lens["val_fraction"]), seed=int(lens["split_seed"]),
-                                   paper_faithful=bool(lens["paper_faithful"]), classes=bundle.classes)
-    return selection
+    return select_with_settings(load_dataset_manifest(dataset_dir), bundle.config["lens"], classes=bundle.classes)
 
 
 def lens_outputs_function(bundle: LensBundle):

@@ -376,6 +376,12 @@ class ConvAE(nn.Module):
         """(N, H, W, C) in [0, 1] → latent (N, H/4, W/4, latent_channels), linear output."""
         return self.encode_layers(x)["latent"]
 
+    def encode_flat(self, x: jax.Array) -> jax.Array:
+        """The latent flattened channel-major (C, H, W) as float32 [N, C·H/4·W/4], like the authors'
+        ``encoder(x).reshape(N, -1)`` on NCHW: the paper's 4,096 features, column for column."""
+        z = self.encode(x).astype(jnp.float32)
+        return jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1)
+
     def encode_layers(self, x: jax.Array) -> dict[str, jax.Array]:
         """Every encoder stage's output: 'block1' (after conv0+ReLU+pool), 'block2', 'block3' (conv2+ReLU), 'latent'.
 

@@ -34,7 +34,7 @@ class LensSetup:
 def build_lens_setup(config, source) -> LensSetup:
     """Select the lens task's images (data_pipelines.lens_data), load the pretrained AE, compute the feature norm."""
     from cellssl_jax.training.checkpoint import load_params
-    from data_pipelines.lens_data import LabelledSource, select_lens_images
+    from data_pipelines.lens_data import LabelledSource, select_with_settings
     from data_pipelines.source import load_dataset_manifest
 
     lens = config.lens
@@ -43,10 +43,7 @@ def build_lens_setup(config, source) -> LensSetup:
                          "an imported checkpoint, e.g. runs/demo/train)")
     if not config.get("dataset_dir"):
         raise ValueError("the lens objective reads the dataset's manifest: set --config.dataset_dir")
-    selection = select_lens_images(load_dataset_manifest(config.dataset_dir), last_n=int(lens.last_n),
-                                   max_wells=int(lens.max_wells), test_fraction=float(lens.test_fraction),
-                                   val_fraction=float(lens.val_fraction), seed=int(lens.split_seed),
-                                   paper_faithful=bool(lens.paper_faithful))
+    selection = select_with_settings(load_dataset_manifest(config.dataset_dir), lens)
     train = selection.part("train")
     log.info("lens task: %d classes, %d train images (%s)", len(selection.classes), len(train),
              ", ".join(f"{k} {v}" for k, v in selection.table.split.value_counts().items()))

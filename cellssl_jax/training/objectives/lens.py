@@ -42,9 +42,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, paper_faithful: bool 
 
 
 def flat_latent(model, params, images: jax.Array) -> jax.Array:
-    """F(x): the encoder's latent flattened channel-major, like the authors' ``encoder(x).flatten(1)`` on NCHW."""
-    z = model.apply({"params": params}, images, method="encode").astype(jnp.float32)
-    return jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1)
+    """F(x): the encoder's latent flattened channel-major (``ConvAE.encode_flat``), the classifier's input."""
+    return model.apply({"params": params}, images, method="encode_flat")
 
 
 def standardize(features: jax.Array, norm) -> jax.Array:
