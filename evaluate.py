@@ -8,6 +8,9 @@
   python evaluate.py export       --checkpoint runs/demo/train --out runs/demo/export/convae.pt   (or .safetensors)
   python evaluate.py lens         --lens runs/demo/lens --data runs/demo/dataset --out runs/demo/lens_eval \
                                   [--paper-protocol]
+  python evaluate.py compare      --encoder ours=runs/demo/train --encoder authors=runs/demo/authors \
+                                  --encoder init=random --data runs/demo/dataset --out runs/demo/compare
+  python evaluate.py compare      --features ours=runs/demo/features_pooled.parquet --out DIR
   python evaluate.py report       --run runs/demo
 """
 
@@ -67,6 +70,39 @@ def _lens(a):
     keys = ("images", "joint_classifier", "best_probe", "comparison_test", "comparison_paper_protocol")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
     print(f"tables, figures and summary.json in {a.out}")
+
+
+def _named(items: list[str], flag: str) -> dict[str, str]:
+    named = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{flag} {item!r}: expected NAME=VALUE")
+        if name in named:
+            raise SystemExit(f"{flag}: the name {name!r} is given twice")
+        named[name] = value
+    return named
+
+
+def _compare(a):
+    from cellssl_jax.compare import compare_encoders, compare_feature_files, feature_file_mode
+
+    if a.encoder:
+        if not a.data:
+            raise SystemExit("--encoder needs --data (the built dataset to extract features from)")
+        summary = compare_encoders(_named(a.encoder, "--encoder"), a.data, a.out, modes=a.modes, seed=a.seed,
+                                   paper_faithful=a.paper_faithful)
+    else:
+        files = {name: {feature_file_mode(path): path} for name, path in _named(a.features, "--features").items()}
+        summary = compare_feature_files(files, a.out, seed=a.seed, paper_faithful=a.paper_faithful)
+    print(_as_text(summary["table"]))
+    print(f"tables, figures and summary.json in {a.out}")
+
+
+def _as_text(rows: list[dict]) -> str:
+    import pandas as pd
+
+    return pd.DataFrame(rows).set_index(["encoder", "mode"]).T.to_string(float_format=lambda v: f"{v:.3f}")
 
 
 def _report(a):
@@ -132,6 +168,22 @@ def main(argv=None):
     p.add_argument("--paper-faithful", action="store_true",
                    help="run every probe the authors' way (default: as the lens was trained)")
     p.set_defaults(fn=_lens)
+
+    p = sub.add_parser("compare", help="encoders × the authors' tasks: replicate similarity, drugs vs controls, "
+                                       "clustering (the yardstick for ablations)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--encoder", action="append", metavar="NAME=CHECKPOINT",
+                     help="a checkpoint folder (trained, imported or a lens run) or random[:SEED]; repeat per encoder")
+    src.add_argument("--features", action="append", metavar="NAME=PARQUET",
+                     help="a features file written by `evaluate.py features`; repeat per encoder")
+    p.add_argument("--data", help="the built dataset (with --encoder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--modes", nargs="+", default=["pooled", "latent"], choices=["pooled", "latent"],
+                   help="feature modes to extract and compare (with --encoder)")
+    p.add_argument("--seed", type=int, default=0, help="well split, probe init and shuffles, embeddings")
+    p.add_argument("--paper-faithful", action="store_true",
+                   help="the authors' probe: softmax twice, raw features (their numbers are reported either way)")
+    p.set_defaults(fn=_compare)
 
     p = sub.add_parser("report", help="one HTML report from a run folder")
     p.add_argument("--run", required=True)

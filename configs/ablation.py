@@ -12,6 +12,15 @@
 The authors ran their cropping study for 5 epochs on 250,000 images, batch 64, Adam 1e-3, BCE (§2); these settings keep
 every other field of configs/paper.py. ``aug_multi`` is the paper config itself. Cost per epoch of N images: N/64
 batches of 5 (multi) or 1 (one) crop-steps at ~9.8 GFLOP per crop-step.
+
+``,demo`` after the setting (e.g. ``configs/ablation.py:noaug_one,demo``) shrinks it like configs/demo.py (crops of
+64 px, batch 16, 40 batches, the demo plate's dataset): the four settings on a 2-core CPU in minutes each, then
+
+    python evaluate.py compare --data runs/demo/dataset --out runs/ablation/compare \
+        --encoder aug_multi=runs/ablation/aug_multi --encoder aug_one=runs/ablation/aug_one \
+        --encoder noaug_multi=runs/ablation/noaug_multi --encoder noaug_one=runs/ablation/noaug_one --encoder init=random
+
+scores them on the authors' tasks (cellssl_jax/compare).
 """
 
 from configs.common import base_config, set_crops
@@ -20,9 +29,21 @@ SETTINGS = ("aug_multi", "aug_one", "noaug_multi", "noaug_one")
 
 
 def get_config(arg=None):
-    if arg not in SETTINGS:
-        raise ValueError(f"configs/ablation.py needs one of {SETTINGS} after a colon, e.g. configs/ablation.py:aug_one")
-    augmentation, crops = arg.split("_")
+    setting, _, size = (arg or "").partition(",")
+    if setting not in SETTINGS or size not in ("", "demo"):
+        raise ValueError(f"configs/ablation.py needs one of {SETTINGS} after a colon, optionally ',demo', e.g. "
+                         f"configs/ablation.py:aug_one or configs/ablation.py:aug_one,demo; got {arg!r}")
+    augmentation, crops = setting.split("_")
     cfg = base_config()
     cfg.input.augment = augmentation == "aug"
-    return set_crops(cfg, crops)
+    cfg = set_crops(cfg, crops)
+    if size == "demo":
+        from configs import demo
+
+        small = demo.get_config()
+        for key in ("dataset_dir", "total_steps", "log_every", "image_every"):
+            cfg[key] = small[key]
+        cfg.checkpoint.every_steps = small.checkpoint.every_steps
+        cfg.input.batch_size = small.input.batch_size
+        cfg.input.size_crops = tuple(small.input.size_crops[0] for _ in cfg.input.size_crops)
+    return cfg

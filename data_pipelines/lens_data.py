@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from data_pipelines.source import SubsetSource, readable_rows
+
 CONTROLS = ("DMSO", "PBS")  # classes 0 and 1, as in the authors' constants
 SPLITS = ("train", "val", "test")
 
@@ -70,10 +72,7 @@ def select_lens_images(manifest: pd.DataFrame, *, last_n: int = 30, max_wells: i
                          "plate, well and time per image")
     if last_n < 1 or max_wells < 1:
         raise ValueError(f"last_n and max_wells must be >= 1, got {last_n}, {max_wells}")
-    frame = manifest
-    if "quarantine_reason" in frame.columns:
-        frame = frame[frame.quarantine_reason.isna()]
-    frame = frame.reset_index(drop=True).assign(source_index=np.arange(len(frame)))
+    frame = readable_rows(manifest)
     if "Metadata_Site" not in frame.columns:
         frame = frame.assign(Metadata_Site=1)
 
@@ -110,7 +109,7 @@ def select_lens_images(manifest: pd.DataFrame, *, last_n: int = 30, max_wells: i
     if paper_faithful:
         table["split"] = _image_split(len(table), test_fraction=0.1, seed=42)
     else:
-        table["split"] = _well_split(table, test_fraction, val_fraction, seed)
+        table["split"] = well_split(table, test_fraction, val_fraction, seed)
     table = table.sort_values("row_id").reset_index(drop=True)
     return LensSelection(table=table, classes=names)
 
@@ -132,8 +131,11 @@ def _image_split(n: int, *, test_fraction: float, seed: int) -> np.ndarray:
     return split
 
 
-def _well_split(table: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
-    """Whole wells to test / val / train within each (cell line, class), at least one train well, then one test."""
+def well_split(table: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
+    """Whole wells to test / val / train within each (cell line, class), at least one train well, then one test.
+
+    ``table`` has one row per image with ``cell_line``, ``class_name``, ``plate`` and ``well``; returns the part of
+    each row (object array of 'train' / 'val' / 'test')."""
     if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
         raise ValueError(f"test_fraction {test_fraction} and val_fraction {val_fraction} must leave a train part")
     rng = np.random.default_rng(seed)
@@ -152,25 +154,17 @@ def _well_split(table: pd.DataFrame, test_fraction: float, val_fraction: float, 
                     dtype=object)
 
 
-class LabelledSource:
-    """A random-access source over some rows of another, each element with its ``label`` (np.int32) added.
-
-    Picklable as its parts, so Grain worker processes get it like the base source.
-    """
+class LabelledSource(SubsetSource):
+    """A random-access source over some rows of another, each element with its ``label`` (np.int32) added."""
 
     def __init__(self, base, source_indices: Sequence[int], labels: Sequence[int]):
-        self._base = base
-        self._indices = np.asarray(source_indices, np.int64)
+        super().__init__(base, source_indices)
         self._labels = np.asarray(labels, np.int32)
         if self._indices.shape != self._labels.shape:
             raise ValueError(f"{len(self._indices)} indices but {len(self._labels)} labels")
-        self.image_shape = getattr(base, "image_shape", None)
-
-    def __len__(self) -> int:
-        return len(self._indices)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        element = dict(self._base[int(self._indices[index])])
+        element = dict(super().__getitem__(index))
         element["label"] = self._labels[index]
         return element
 

@@ -53,6 +53,38 @@ def load_dataset_manifest(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(Path(dataset_dir) / MANIFEST_PARQUET)
 
 
+def readable_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows that made it into the dataset (not quarantined), in record order, with ``source_index``: the
+    row's index in ``open_source(dataset)``. The build writes the readable rows in manifest order, so the n-th of them
+    is record n."""
+    frame = manifest
+    if "quarantine_reason" in frame.columns:
+        frame = frame[frame.quarantine_reason.isna()]
+    return frame.reset_index(drop=True).assign(source_index=np.arange(len(frame), dtype=np.int64))
+
+
+class SubsetSource:
+    """Some records of another random-access source, in the given order: ``subset[i] = base[indices[i]]``.
+
+    Picklable as its parts, so Grain worker processes get it like the base source.
+    """
+
+    def __init__(self, base, indices: Sequence[int]):
+        self._base = base
+        self._indices = np.asarray(indices, np.int64)
+        if self._indices.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {self._indices.shape}")
+        if len(self._indices) and not 0 <= self._indices.min() <= self._indices.max() < len(base):
+            raise IndexError(f"indices outside the {len(base)} records of {base!r}")
+        self.image_shape = getattr(base, "image_shape", None)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._base[int(self._indices[index])]
+
+
 class RandomAccessSource:
     """A Grain-compatible random-access source (``__len__``, ``__getitem__``) over a built dataset."""
 

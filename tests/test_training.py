@@ -202,6 +202,13 @@ def test_shipped_configs_hold_the_papers_settings_and_the_four_ablations():
     assert settings == {"aug_multi": (True, 5), "aug_one": (True, 1),
                         "noaug_multi": (False, 5), "noaug_one": (False, 1)}
     assert _load_config("configs/ablation.py", "aug_multi").input == paper.input
+    # ',demo': the same settings at the demo's size (configs/demo.py), so the four run on a CPU in minutes.
+    small = _load_config("configs/ablation.py", "noaug_one,demo")
+    assert (small.input.augment, tuple(small.input.size_crops), small.input.batch_size, small.total_steps,
+            small.dataset_dir) == (False, (64,), demo.input.batch_size, demo.total_steps, demo.dataset_dir)
+    assert _load_config("configs/ablation.py", "aug_multi,demo").input == demo.input
+    with pytest.raises(ValueError, match="demo"):
+        _load_config("configs/ablation.py", "aug_one,big")
     with pytest.raises(ValueError, match="aug_one"):
         _load_config("configs/ablation.py", None)
 

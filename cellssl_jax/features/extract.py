@@ -97,15 +97,19 @@ def extract_features(
     mesh=None,
     progress: bool = True,
     provenance: dict | None = None,
+    source_indices: Sequence[int] | None = None,
 ) -> Path | dict[str, Path]:
     """Run the encoder over a built dataset and write one Parquet row per image.
+
+    ``source_indices``: only these records of the dataset (positions in ``open_source``, e.g. the ``source_index`` of
+    ``data_pipelines.source.readable_rows``), in that order; default every image.
 
     ``out_path`` may be a dict ``{mode: path}`` to write several feature modes from ONE pass over the images (the
     encoder runs once; reading and resizing the images is most of the cost). ``batch_size`` is global: split over
     every process and device. Only process 0 writes; other processes send their rows to it.
     """
     from data_pipelines.input_pipeline import create_eval_dataset
-    from data_pipelines.source import load_dataset_manifest, open_source
+    from data_pipelines.source import SubsetSource, load_dataset_manifest, open_source
 
     outputs = {m: Path(p) for m, p in out_path.items()} if isinstance(out_path, dict) else {mode: Path(out_path)}
     dataset_dir = Path(dataset_dir)
@@ -119,6 +123,8 @@ def extract_features(
     manifest = load_dataset_manifest(dataset_dir).set_index("row_id", drop=False)
     meta_cols = [c for c in manifest.columns if c.startswith("Metadata_")]
     source = open_source(dataset_dir)
+    if source_indices is not None:
+        source = SubsetSource(source, source_indices)
     batches = create_eval_dataset(source, image_size=image_size, batch_size=local_batch,
                                   process_index=proc, process_count=n_proc)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cellssl_jax.lens._plotting import plt, save as save_figure
+from cellssl_jax.plotting import plt, save as save_figure
 
 AUTHORS_EXPONENT = 1.5  # the authors' "magic number" in lens.py:plot_image_and_map
 SCORE_COLUMNS = ("auroc", "enrichment", "precision_at_mask_area", "mask_fraction")

@@ -30,7 +30,6 @@ number of learning rates, loss); the shuffles are drawn on the host so they stay
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,9 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 from tqdm.auto import tqdm
 
-from cellssl_jax.lens._plotting import plt, save as save_figure
+from cellssl_jax.arrays import check_features as _check_features, check_labels as _check_labels
+from cellssl_jax.arrays import torch_linear_params as _torch_linear_init
+from cellssl_jax.plotting import plt, save as save_figure
 
 SPLITS = ("train", "val", "test")
 GRID_COLUMNS = ("features", "lr", "batch_size", "seed", "top1_train", "top3_train", "top1_val", "top3_val",
@@ -78,33 +79,6 @@ class ProbeParams:
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks: bad rows are named, so a broken feature file is found quickly.
 
-def _check_features(x, name: str = "features") -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array [N, F], got shape {x.shape}")
-    x = x.astype(np.float32, copy=False)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(f"{name}: non-finite values in {rows.size} row(s), first at row {rows[0]}")
-    return x
-
-
-def _check_labels(y, n_rows: int, n_classes: int, name: str = "labels") -> np.ndarray:
-    y = np.asarray(y)
-    if y.shape != (n_rows,):
-        raise ValueError(f"{name}: expected shape ({n_rows},), got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise ValueError(f"{name}: labels must be integers; row {np.flatnonzero(np.mod(y, 1) != 0)[0]} is not")
-    y = y.astype(np.int32)
-    bad = (y < 0) | (y >= n_classes)
-    if bad.any():
-        row = np.flatnonzero(bad)[0]
-        raise ValueError(f"{name}: label {y[row]} at row {row} is outside [0, {n_classes})")
-    return y
-
-
 def _check_probs(probs, y, k: int) -> tuple[np.ndarray, np.ndarray]:
     probs = np.asarray(probs)
     if probs.ndim != 2:
@@ -125,14 +99,6 @@ def _topk_hits(scores: jax.Array, y: jax.Array, k: int) -> jax.Array:
     classes = jnp.arange(scores.shape[1])[None, :]
     ahead = (scores > true_score) | ((scores == true_score) & (classes < y[:, None]))
     return (ahead.sum(axis=1) < k).astype(jnp.float32)
-
-
-def _torch_linear_init(key: jax.Array, n_features: int, n_classes: int) -> dict[str, jax.Array]:
-    """``torch.nn.Linear``'s default: weight and bias uniform in ±1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5))."""
-    bound = 1.0 / math.sqrt(n_features)
-    k_w, k_b = jax.random.split(key)
-    return {"weight": jax.random.uniform(k_w, (n_features, n_classes), jnp.float32, -bound, bound),
-            "bias": jax.random.uniform(k_b, (n_classes,), jnp.float32, -bound, bound)}
 
 
 def probe_loss(params: Mapping[str, jax.Array], x: jax.Array, y: jax.Array, *, paper_faithful: bool = False

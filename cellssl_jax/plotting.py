@@ -1,4 +1,4 @@
-"""Matplotlib set-up shared by the lens figures: the Agg backend (no display on a server) and one way to save."""
+"""Matplotlib set-up shared by the analyses' figures: the Agg backend (no display on a server) and one way to save."""
 
 from pathlib import Path
 
