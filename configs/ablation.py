@@ -20,7 +20,8 @@ batches of 5 (multi) or 1 (one) crop-steps at ~9.8 GFLOP per crop-step.
         --encoder aug_multi=runs/ablation/aug_multi --encoder aug_one=runs/ablation/aug_one \
         --encoder noaug_multi=runs/ablation/noaug_multi --encoder noaug_one=runs/ablation/noaug_one --encoder init=random
 
-scores them on the authors' tasks (cellssl_jax/compare).
+scores them on the authors' tasks (cellssl_jax/compare); ``--config.evals.compare.every_steps=N`` scores each run
+while it trains (metrics.jsonl, ``eval/compare/...``).
 """
 
 from configs.common import base_config, set_crops

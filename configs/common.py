@@ -53,6 +53,12 @@ def base_config() -> ConfigDict:
     cfg.log_every = 100  # steps between metrics.jsonl / TensorBoard rows
     cfg.image_every = 2000  # steps between input-vs-reconstruction PNG grids (0: never)
 
+    # Evaluators run on the training parameters on a schedule (big_vision's config.evals): name → settings, off while
+    # every_steps is 0. compare: the authors' encoder comparison on the run's dataset (cellssl_jax/compare), logged as
+    # eval/compare/<mode>/<figure> in metrics.jsonl; each run costs a pass over ~1,300 images and a probe grid.
+    cfg.evals = ConfigDict()
+    cfg.evals.compare = ConfigDict({"every_steps": 0, "modes": ("pooled",), "batch_size": 128})
+
     cfg.debug = ConfigDict()
     cfg.debug.inject_nan_at_step = 0  # >0: put a NaN into that step's batch (tests the non-finite guard)
     cfg.debug.sleep_after_step_s = 0.0  # >0: slow the loop down (lets tests kill a run mid-way)

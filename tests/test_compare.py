@@ -226,3 +226,48 @@ def test_strategy_scores_rescale_the_authors_parts_over_the_encoders_of_a_mode()
     # raw a 1, b 0.5, c (1 + 1 + 0.5) / 3 = 0.833 → 1, 0, 0.667
     assert clu[("c", "pooled")] == pytest.approx(2 / 3)
     assert np.isnan(sim[("a", "latent")])  # one encoder in its mode: nothing to rank
+
+
+@pytest.mark.slow
+def test_training_runs_the_compare_evaluator_on_its_schedule(small_dataset, tmp_path):
+    """config.evals.compare.every_steps: the loop hands its parameters to the evaluator at steps 2 and 3 (the last),
+    and the scalars land in metrics.jsonl beside the tables the evaluator wrote."""
+    import importlib.util
+
+    from cellssl_jax.training.loop import train_and_evaluate
+
+    spec = importlib.util.spec_from_file_location("training_config", ROOT / "tests" / "training_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.dataset_dir = str(small_dataset / "dataset")
+    cfg.total_steps, cfg.checkpoint.every_steps, cfg.image_every = 3, 3, 0
+    cfg.evals.compare.every_steps = 2
+    summary = train_and_evaluate(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r for r in rows if any(k.startswith("eval/compare/") for k in r)}
+    assert sorted(evaluated) == [2, 3]
+    last = evaluated[3]
+    for key in ("replicate_other_ratio", "probe_test_balanced_accuracy", "ari_effect", "authors_probe_train_accuracy"):
+        assert np.isfinite(last[f"eval/compare/pooled/{key}"]), key
+    assert 0.0 <= last["eval/compare/pooled/probe_test_balanced_accuracy"] <= 1.0
+    assert summary["evals"]["compare"] == {k[len("eval/compare/"):]: v for k, v in last.items()
+                                           if k.startswith("eval/compare/")}
+    step_dir = tmp_path / "run" / "evals" / "compare" / "step_3"
+    assert (step_dir / "summary.json").is_file() and (step_dir / "features" / "run_pooled.parquet").is_file()
+
+
+def test_evaluators_refuse_unknown_names_and_the_lens_objective():
+    from cellssl_jax.training.loop import build_evaluators
+    from configs.common import base_config
+
+    cfg = base_config()
+    assert build_evaluators(cfg, "autoencoder") == {}  # every_steps 0: off
+    cfg.evals.compare.every_steps = 5
+    with pytest.raises(ValueError, match="dataset_dir"):
+        build_evaluators(cfg, "autoencoder")
+    with pytest.raises(ValueError, match="lens"):
+        build_evaluators(cfg, "lens")
+    cfg.evals.other = {"every_steps": 1}
+    with pytest.raises(ValueError, match="unknown evaluator"):
+        build_evaluators(cfg, "autoencoder")

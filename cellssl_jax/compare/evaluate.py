@@ -69,19 +69,27 @@ def extract_encoder_features(encoders: Mapping[str, str | Path], dataset_dir: st
                              selection: pd.DataFrame, *, modes: Sequence[str] = FEATURE_MODES,
                              batch_size: int = 128, progress: bool = True) -> dict[str, dict[str, Path]]:
     """Features of the selected images for every encoder: ``{encoder: {mode: parquet}}``."""
+    files: dict[str, dict[str, Path]] = {}
+    for name, spec in encoders.items():
+        params, model, description = load_encoder(spec)
+        log.info("encoder %s (%s): features of %d images", name, description, len(selection))
+        files[name] = extract_selected(params, model, dataset_dir, out_dir, selection, name=name, modes=modes,
+                                       batch_size=batch_size, progress=progress, description=description)
+    return files
+
+
+def extract_selected(params, model, dataset_dir: str | Path, out_dir: str | Path, selection: pd.DataFrame, *,
+                     name: str, modes: Sequence[str] = FEATURE_MODES, batch_size: int = 128, progress: bool = True,
+                     description: str = "") -> dict[str, Path]:
+    """One encoder's features of the selected images, one pass for every mode: ``{mode: out_dir/features/<name>_<mode>
+    .parquet}``. Every process must call it (the extraction is sharded); process 0 writes."""
     from cellssl_jax.features import extract_features
 
-    out = Path(out_dir) / "features"
-    files: dict[str, dict[str, Path]] = {}
-    indices = np.sort(selection.source_index.to_numpy())
-    for name, spec in encoders.items():
-        paths = {m: out / f"{name}_{m}.parquet" for m in modes}
-        files[name] = paths
-        params, model, description = load_encoder(spec)
-        log.info("encoder %s (%s): features of %d images", name, description, len(indices))
-        extract_features(params, model, dataset_dir, paths, batch_size=batch_size, progress=progress,
-                         source_indices=indices, provenance={"encoder": name, "checkpoint": description})
-    return files
+    paths = {m: Path(out_dir) / "features" / f"{name}_{m}.parquet" for m in modes}
+    extract_features(params, model, dataset_dir, paths, batch_size=batch_size, progress=progress,
+                     source_indices=np.sort(selection.source_index.to_numpy()),
+                     provenance={"encoder": name, "checkpoint": description})
+    return paths
 
 
 def feature_file_mode(path: str | Path) -> str:

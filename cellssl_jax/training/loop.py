@@ -11,6 +11,10 @@ the lens task's labelled images, a frozen pretrained ConvAE and a classifier; tr
 Steps count batches. Under ``crop_steps='per_crop'`` one batch is ``n_crops`` optimizer updates; the learning-rate
 milestones are converted with that in mind (optimizer.py).
 
+Evaluators (``config.evals``, big_vision's habit): each named one with ``every_steps > 0`` runs on the current
+parameters every that many steps and at the last, and its scalars go to metrics.jsonl as ``eval/<name>/<figure>``
+(``EVALUATORS`` maps names to the plug-ins; ``compare`` is the authors' encoder comparison, cellssl_jax/compare).
+
 Non-finite values: the step refuses to apply a non-finite update (step.py); the loop reads each step's metrics one
 step late (so the host does not stall the device) and stops with ``NonFiniteError`` naming the step and the quantity.
 The bad state is never saved: a checkpoint is written only after its step's metrics were read and found finite.
@@ -19,6 +23,7 @@ The bad state is never saved: a checkpoint is written only after its step's metr
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import time
@@ -38,6 +43,10 @@ from cellssl_jax.training.step import create_train_state, make_train_step, updat
 from cellssl_jax.training.writers import MetricWriter, reconstruction_grid
 
 log = logging.getLogger(__name__)
+
+# Evaluator plug-ins by name: "module:Class", constructed with (dataset_dir, seed=..., **settings) and exposing
+# due(step, total_steps) and run(params, model, out_dir) -> {name: float}. Imported only when switched on.
+EVALUATORS = {"compare": "cellssl_jax.compare.evaluator:CompareEvaluator"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -115,6 +124,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         initial_params = objective.init_params(lens_setup.pretrained, lens_setup.feature_norm,
                                                jax.random.key(int(config.seed)), image_size,
                                                init_lens_from_pretrained=bool(config.lens.init_from_pretrained))
+    evaluators = build_evaluators(config, objective_name)
     train_step = make_train_step(model, optimizer, loss=config.loss, crop_steps=config.crop_steps, mesh=mesh,
                                  objective=objective, scan_crops=bool(config.get("scan_crops", False)))
     preview = jax.jit(objective.preview)
@@ -204,6 +214,15 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                     last_saved = step
             if is_main and image_every and step % image_every == 0:
                 _write_preview(writer, step, preview, state, crops[0])
+            due = [name for name, ev in evaluators.items() if ev.due(step, total_steps)]
+            if due and pending is not None:
+                record(*pending)  # evaluate only a state whose step was read back finite
+                pending = None
+            for name in due:
+                scalars = evaluators[name].run(local_replica(state.params), model,
+                                               workdir / "evals" / name / f"step_{step}")
+                writer.write(step, {f"eval/{name}/{key}": value for key, value in scalars.items()})
+                summary.setdefault("evals", {})[name] = scalars
             progress.update(1)
             if sleep_after_step:
                 time.sleep(sleep_after_step)
@@ -215,6 +234,29 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         writer.close()
     summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, plan=plan)
     return summary
+
+
+def build_evaluators(config, objective_name: str) -> dict:
+    """The evaluators ``config.evals`` switches on (``every_steps > 0``), constructed once, by name."""
+    active = {name: dict(settings) for name, settings in (config.get("evals") or {}).items()
+              if int(settings.get("every_steps") or 0) > 0}
+    if not active:
+        return {}
+    unknown = sorted(set(active) - set(EVALUATORS))
+    if unknown:
+        raise ValueError(f"config.evals: unknown evaluator(s) {unknown}; known: {sorted(EVALUATORS)}")
+    if objective_name != "autoencoder":
+        raise ValueError(f"config.evals evaluate the ConvAE's encoder; objective {objective_name!r} trains a lens "
+                         "(compare its ConvAE with `evaluate.py compare --encoder NAME=LENS_RUN`)")
+    if not config.get("dataset_dir"):
+        raise ValueError("config.evals need config.dataset_dir (the evaluators read the dataset's manifest)")
+    built = {}
+    for name, settings in active.items():
+        module, cls = EVALUATORS[name].split(":")
+        built[name] = getattr(importlib.import_module(module), cls)(config.dataset_dir, seed=int(config.seed),
+                                                                    **settings)
+        log.info("evaluator %s: every %d steps", name, int(settings["every_steps"]))
+    return built
 
 
 class _Window:
