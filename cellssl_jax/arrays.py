@@ -5,6 +5,7 @@ the authors' spread statistic."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +59,12 @@ def mean_abs_deviation(values) -> float:
         return float("nan")
     with np.errstate(invalid="ignore"):  # inf - inf: an infinite value has no finite deviation
         return float(np.mean(np.abs(x - x.mean())))
+
+
+def json_default(value):
+    """``json.dumps(default=...)`` for what analyses put in their summaries: numpy scalars and arrays, paths."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -35,12 +35,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellssl_jax.arrays import json_default
 from cellssl_jax.compare import clustering, probe, replicates
 from cellssl_jax.compare.selection import select_compare_rows, task_rows
 
 log = logging.getLogger(__name__)
 
-FEATURE_MODES = ("pooled", "latent")
+FEATURE_MODES = ("pooled", "latent")  # compared by default, the project's default first
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """The feature modes as a tuple, or a ValueError naming the ones the features room does not know."""
+    from cellssl_jax.features import FEATURE_MODES as KNOWN
+
+    bad = [m for m in modes if m not in KNOWN]
+    if bad or not modes:
+        raise ValueError(f"feature modes must be among {KNOWN}, got {list(modes)}")
+    return tuple(modes)
 RANDOM = "random"
 
 
@@ -113,7 +124,7 @@ def read_features(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 def compare_feature_files(files: Mapping[str, Mapping[str, str | Path]], out_dir: str | Path, *, seed: int = 0,
                           paper_faithful: bool = False, frames: dict[str, int] | None = None,
-                          progress: bool = True) -> dict[str, Any]:
+                          progress: bool = True, provenance: dict | None = None) -> dict[str, Any]:
     """Run the three tasks on feature files ``{encoder: {mode: parquet}}`` (full-plate files from ``evaluate.py
     features`` work too: each task selects its rows from the files' ``Metadata_*`` columns); write everything under
     ``out_dir``; return the summary."""
@@ -152,7 +163,7 @@ def compare_feature_files(files: Mapping[str, Mapping[str, str | Path]], out_dir
     _write_tidy(rep_tables, out / "replicates.csv")
     _write_tidy(probe_grids, out / "probe_grid.csv")
     _write_tidy(cluster_tables, out / "clustering.csv")
-    summary = {"encoders": rows, "paper_faithful": paper_faithful, "seed": seed}
+    summary = {"encoders": rows, "paper_faithful": paper_faithful, "seed": seed, **(provenance or {})}
     summary["table"] = _headline(rep_tables, probe_grids, cluster_tables, rows)
     pd.DataFrame(summary["table"]).to_csv(out / "summary.csv", index=False)
     figures = [
@@ -164,7 +175,7 @@ def compare_feature_files(files: Mapping[str, Mapping[str, str | Path]], out_dir
          "caption": "task C: clustering within cell lines over min_cluster_size (spectral 2-D embedding + HDBSCAN)"},
     ]
     summary["figures"] = [{"path": str(Path(f["path"]).relative_to(out)), "caption": f["caption"]} for f in figures]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_value))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     return summary
 
 
@@ -175,21 +186,16 @@ def compare_encoders(encoders: Mapping[str, str | Path], dataset_dir: str | Path
     """Extract the features the tasks need for every encoder, then ``compare_feature_files``."""
     from data_pipelines.source import load_dataset_manifest, readable_rows
 
-    bad = [m for m in modes if m not in FEATURE_MODES]
-    if bad or not modes:
-        raise ValueError(f"feature modes must be among {FEATURE_MODES}, got {list(modes)}")
+    modes = check_modes(modes)
     if not encoders:
         raise ValueError("no encoder to compare")
     _check_names(encoders)
     selection = select_compare_rows(readable_rows(load_dataset_manifest(dataset_dir)), frames=frames, seed=seed)
     files = extract_encoder_features(encoders, dataset_dir, out_dir, selection, modes=modes, batch_size=batch_size,
                                      progress=progress)
-    summary = compare_feature_files(files, out_dir, seed=seed, paper_faithful=paper_faithful, frames=frames,
-                                    progress=progress)
-    summary["dataset"] = str(dataset_dir)
-    summary["encoder_specs"] = {k: str(v) for k, v in encoders.items()}
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_value))
-    return summary
+    return compare_feature_files(files, out_dir, seed=seed, paper_faithful=paper_faithful, frames=frames,
+                                 progress=progress, provenance={"dataset": str(dataset_dir), "encoder_specs": {
+                                     k: str(v) for k, v in encoders.items()}})
 
 
 def _check_names(names) -> None:
@@ -275,11 +281,3 @@ def strategy_scores(table: list[dict]) -> list[dict]:
             span = raw.max() - raw.min()
             df.loc[group.index, column] = (raw - raw.min()) / span if span > 0 else np.nan
     return df.drop(columns=[c for c in df.columns if c.startswith("_")]).to_dict(orient="records")
-
-
-def _json_value(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

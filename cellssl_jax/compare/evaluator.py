@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from cellssl_jax.compare.evaluate import FEATURE_MODES, compare_feature_files, extract_selected
+from cellssl_jax.compare.evaluate import check_modes, compare_feature_files, extract_selected
 from cellssl_jax.compare.selection import select_compare_rows
 
 # Summary columns → short scalar names (the ones that stand alone for a single encoder).
@@ -43,11 +43,8 @@ class CompareEvaluator:
 
         if every_steps < 1:
             raise ValueError(f"evals.compare.every_steps must be >= 1 to run, got {every_steps}")
-        bad = [m for m in modes if m not in FEATURE_MODES]
-        if bad or not modes:
-            raise ValueError(f"evals.compare.modes must be among {FEATURE_MODES}, got {list(modes)}")
         self.dataset_dir, self.every_steps = Path(dataset_dir), int(every_steps)
-        self.modes, self.batch_size, self.seed = tuple(modes), int(batch_size), int(seed)
+        self.modes, self.batch_size, self.seed = check_modes(modes), int(batch_size), int(seed)
         self.selection = select_compare_rows(readable_rows(load_dataset_manifest(dataset_dir)), seed=seed)
 
     def due(self, step: int, total_steps: int) -> bool:

@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellssl_jax import parallel
+from cellssl_jax.arrays import json_default
 from cellssl_jax.models.convae import model_from_config
 from cellssl_jax.training.checkpoint import find_step_dir, load_config, load_params
 from cellssl_jax.training.objectives.lens import LensObjective, feature_norm, flat_latent, standardize
@@ -257,7 +258,7 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
             figures.append({"path": str(path), "caption": f"{category}: image | AE(x) | L(x) | map"
                             + (" | planted mask" if masks is not None else "")})
     summary["figures"] = [{**f, "path": str(Path(f["path"]).relative_to(out))} for f in figures]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_value))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     return summary
 
 
@@ -276,10 +277,3 @@ def _signatures(rows: pd.DataFrame) -> np.ndarray:
         return d.signature if d is not None and d.mechanism != "no_effect" else "none"
 
     return np.array([one(d) for d in rows.class_name])
-
-
-def _json_value(value):
-    """numpy scalars and arrays (what the probes and scores return) as JSON values."""
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
