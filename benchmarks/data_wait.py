@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/data_wait.py [--steps 6] [--batch 64] [--crop-steps per_crop|joint]
                                              [--dataset DIR] [--formulation auto] [--workers N] [--read-threads N]
-                                             [--dtype float32|bfloat16] [--no-hugepages]
+                                             [--dtype float32|bfloat16] [--finish auto|host|device]
+                                             [--no-hugepages]
 
 The loop is the training loop's (cellssl_jax/training/loop.py): ``next(iterator)`` → ``global_batch`` → the project's
 jitted step (dispatched asynchronously) → read back the PREVIOUS step's metrics, so the next batch is prepared while
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="override input.worker_count (default: the config's)")
     p.add_argument("--read-threads", type=int, default=None, help="override input.read_threads")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="ConvAE compute dtype")
+    p.add_argument("--finish", choices=["auto", "host", "device"], default="auto",
+                   help="input.finish: where x/255 and the photometric augmentations run (auto: as the training loop)")
     p.add_argument("--no-hugepages", action="store_true")
     return p.parse_args(argv)
 
@@ -92,10 +95,13 @@ def main(argv=None) -> int:
     tx = optax.adam(1e-3)
     step = make_train_step(model, tx, loss="bce", crop_steps=args.crop_steps, mesh=mesh)
     state = create_train_state(model, tx, 0, image_size=int(cfg.size_crops[0]), mesh=mesh)
-    iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
+    finish = ip.resolve_finish(args.finish, accelerator=jax.default_backend() != "cpu")
+    print(f"finish={finish}", flush=True)
+    iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1, finish=finish))
 
     def to_device(local):
-        return global_batch({"crops": tuple(local["crops"])}, mesh)
+        keys = ("crops_uint8", "photometric") if finish == "device" else ("crops",)
+        return global_batch({key: tuple(local[key]) for key in keys}, mesh)
 
     t = time.perf_counter()
     first = to_device(next(iterator))

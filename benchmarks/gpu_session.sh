@@ -7,7 +7,7 @@
 # only its own figures. Parts: environment; the training step (formulations auto = plain, plain_1ch, subpixel) and
 # encoder inference in bf16 at batch 256 against PyTorch eager NCHW / channels_last and torch.compile; batch 64 in bf16;
 # float32 at batch 256; the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
-# processes feeding the bf16 step). About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
+# processes feeding the bf16 step), with the crops finished on the GPU (input.finish=auto) and on the host. About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
 # added ~50 s of XLA autotuning per formulation, so it is left out here). Python packages that the
 # machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present;
 # fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
@@ -47,3 +47,5 @@ part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-si
 part layers 60 $PY benchmarks/layer_profile.py --batch 256
 part data_wait 100 $PY benchmarks/data_wait.py --batch 256 --steps 12 --workers 12 --dtype bfloat16 \
   --crop-steps per_crop --images 512
+part data_wait_host 80 $PY benchmarks/data_wait.py --batch 256 --steps 12 --workers 12 --dtype bfloat16 \
+  --crop-steps per_crop --images 512 --finish host

@@ -15,7 +15,10 @@ images/s of one process (= one core) and images per CPU-second of that process:
   crops (ours)        data_pipelines.augment.multi_crop on decoded images, written into preallocated rows (as in batches)
   decode + crops      what one pipeline element costs
   grain, 0 workers    create_train_dataset(...) in-process, batches of --batch (includes Grain's index plumbing)
+  ... finish=device   the same with input.finish='device': uint8 crops + photometric rows, x/255 and blur left to the
+                      accelerator (what the training loop picks there); the host's share of the work
 Then the pipeline with T reader threads in the process (the kernels release the GIL) and with N worker processes,
+for each --finish place,
 start-up (first batch) excluded, reported as images/s (wall) and images per CPU-second of this process AND its
 workers (read from /proc): on a shared machine the wall rate follows the load, the CPU rate is what the cores deliver.
 Writes nothing.
@@ -124,11 +127,14 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
 
     grain_cfg.read_threads = 0  # this thread computes the batches: the process's CPU time is the pipeline's
     # One iterator for all runs: the steady state of training (start-up and first batches are not what limits it).
-    grain_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1))
+    grain_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1,
+                                                  finish="host"))
+    device_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0,
+                                                   process_count=1, finish="device"))
 
-    def grain_run():
+    def grain_run(iterator=grain_iterator):
         for _ in range(batches):
-            next(grain_iterator)
+            next(iterator)
 
     stages = {
         # Each image is dropped before the next is read, as the pipeline does (a list of them all would add page
@@ -139,9 +145,10 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
         "decode + crops": lambda: [A.multi_crop(source[i]["image"], rng, specs, params, out=rows_out) and None
                                    for i in range(n)],
         f"grain, 0 workers, batch {args.batch}": grain_run,
+        f"  ... finish=device": lambda: grain_run(device_iterator),
     }
     counts = {name: n for name in stages}
-    counts[f"grain, 0 workers, batch {args.batch}"] = batches * args.batch
+    counts[f"grain, 0 workers, batch {args.batch}"] = counts["  ... finish=device"] = batches * args.batch
     for fn in stages.values():  # warm-up: Numba loads its cache, PIL and Grain initialise
         fn()
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in stages}
@@ -158,10 +165,13 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[tuple[float, float]]:
-    """(images/s wall, images per CPU-second of this process AND its worker processes) of the pipeline with `workers`
-    processes or `threads` reader threads, after the first batch (process start-up excluded). The CPU figure is what
-    a core delivers whatever else loads the machine; the wall figure depends on that load."""
+def bench_parallel(source, args, *, workers: int = 0, threads: int = 0,
+                   finish: str = "host") -> list[tuple[float, float, float]]:
+    """(images/s wall, images per CPU-second of this process AND its worker processes, CPU µs per image of this
+    process alone) of the pipeline with `workers` processes or `threads` reader threads, after the first batch
+    (process start-up excluded). The CPU figure is what a core delivers whatever else loads the machine; the wall
+    figure depends on that load. With workers, this process's share is the serial part: the training process has
+    one main thread, which also drives the accelerator."""
     import multiprocessing
 
     cfg = ip.default_input_config()
@@ -169,19 +179,19 @@ def bench_parallel(source, args, *, workers: int = 0, threads: int = 0) -> list[
     cfg.worker_count = workers
     cfg.read_threads = threads
     cfg.prefetch_buffer_size = max(2, threads)
-    it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
+    it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1, finish=finish))
     next(it)
     pids = [os.getpid()] + [child.pid for child in multiprocessing.active_children()]
     rates = []
     for _ in range(args.repeats):
-        cpu = sum(_process_cpu_seconds(pid) for pid in pids)
+        cpu, own = sum(_process_cpu_seconds(pid) for pid in pids), _process_cpu_seconds(pids[0])
         start = time.perf_counter()
         for _ in range(args.batches):
             next(it)
         wall = time.perf_counter() - start
-        cpu = sum(_process_cpu_seconds(pid) for pid in pids) - cpu
+        cpu, own = sum(_process_cpu_seconds(pid) for pid in pids) - cpu, _process_cpu_seconds(pids[0]) - own
         count = args.batches * args.batch
-        rates.append((count / wall, count / max(cpu, 1e-9)))
+        rates.append((count / wall, count / max(cpu, 1e-9), 1e6 * own / count))
     it.close()
     return rates
 
@@ -195,6 +205,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--threads", type=int, nargs="*", default=[2], help="in-process reader threads to try")
+    parser.add_argument("--finish", nargs="+", choices=["host", "device"], default=["host", "device"],
+                        help="where x/255 and the photometric augmentations run, for the parallel runs")
     args = parser.parse_args()
 
     if args.dataset:
@@ -222,26 +234,29 @@ def main() -> int:
     print(f"source: {label}; multi-crop 5 x 128 px (1 x scale 1, 1 x 0.5-0.75, 3 x 0.5), hflip 0.5, blur 0.2")
     print(f"medians of {args.repeats} interleaved runs; one process = one core\n")
     results = bench_in_process(head, source, args)
-    header = f"{'stage':34s} {'img/s (wall)':>13s} {'img/CPU-s':>10s} {'us/img (CPU)':>13s}"
+    header = f"{'stage':44s} {'img/s (wall)':>13s} {'img/CPU-s':>10s} {'us/img (CPU)':>13s}"
     print(header)
     print("-" * len(header))
     for name, runs in results.items():
         wall = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
-        print(f"{name:34s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}")
+        print(f"{name:44s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}")
     ours = statistics.median(r[1] for r in results["crops (ours)"])
     ref = statistics.median(r[1] for r in results["crops (PIL recipe)"])
     print(f"\ncrops+augment, ours vs PIL recipe (CPU time, same process): {ours / ref:.2f}x")
 
     print()
     print("parallel runs (CPU: this process and its workers, all threads; wall: depends on the machine's load)")
-    for label, kwargs in ([(f"grain, 0 workers, {t} read threads", {"threads": t}) for t in args.threads]
-                          + [(f"grain, {w} worker(s)", {"workers": w}) for w in args.workers]):
+    for label, kwargs in [(f"{name}, finish={finish}", {**kwargs, "finish": finish})
+                          for name, kwargs in ([(f"grain, {t} read threads", {"threads": t}) for t in args.threads]
+                                               + [(f"grain, {w} worker(s)", {"workers": w}) for w in args.workers])
+                          for finish in args.finish]:
         runs = bench_parallel(source, args, **kwargs)
         wall = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
-        print(f"{label + f', batch {args.batch}':34s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}   "
-              f"(wall runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
+        own = statistics.median(r[2] for r in runs)
+        print(f"{label + f', batch {args.batch}':44s} {wall:13,.0f} {cpu:10,.0f} {1e6 / cpu:13,.0f}   "
+              f"(this process {own:,.0f} us/img; wall runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
     return 0
 
 

@@ -476,6 +476,10 @@ def apply_augment(crop: np.ndarray, draw: AugmentDraw, *, hflip_done: bool = Fal
         out = out[::-1]
     if draw.rot90_k:
         out = np.rot90(out, k=draw.rot90_k, axes=(0, 1))
+    if draw.brightness is not None or draw.contrast is not None:
+        # Contiguous before the crop's mean is taken: numpy sums a flipped or rotated view in another order, and the
+        # uint8 hand-over (flips done in uint8, finish_crops) must give the same bits.
+        out = np.ascontiguousarray(out)
     if draw.brightness is not None:
         out = np.clip(out * np.float32(draw.brightness), 0.0, 1.0)
     if draw.contrast is not None:
@@ -593,10 +597,21 @@ def _only_flip_and_blur(draw: AugmentDraw) -> bool:
     return not (draw.vflip or draw.rot90_k or draw.brightness is not None or draw.contrast is not None)
 
 
-def uint8_transfer_applies(params: AugmentParams | None) -> bool:
-    """Whether ``multi_crop_uint8`` + ``finish_crops`` can stand for ``multi_crop``: augmentation off, or only the
-    paper's flip and blur (the flip happens in uint8, the blur after the float conversion)."""
-    return params is None or not (params.vflip_p > 0 or params.rot90 or params.brightness > 0 or params.contrast > 0)
+# The uint8 hand-over: crops leave the host as uint8 with every geometric augmentation done (flips and rot90 are exact
+# permutations of pixels, so they commute with x/255), plus one row of photometric parameters per crop; the float
+# conversion and the photometric augmentations ("finishing") run later, on the host (``finish_crops``) or on the
+# accelerator (``data_pipelines.device_finish``). Columns of a photometric row, and the row that changes nothing:
+PHOTOMETRIC_COLUMNS = ("brightness", "contrast_on", "contrast", "blur_edge", "blur_middle")
+PHOTOMETRIC_IDENTITY = (1.0, 0.0, 1.0, 0.0, 0.0)  # brightness ×1 is exact; blur weights (0, 0) mean "no blur"
+
+
+def photometric_row(draw: AugmentDraw | None) -> tuple[float, float, float, float, float]:
+    """A crop's photometric parameters (``PHOTOMETRIC_COLUMNS``) from its draw; ``None`` (no augmentation): identity."""
+    if draw is None:
+        return PHOTOMETRIC_IDENTITY
+    edge, middle = gaussian_kernel3(draw.blur_sigma)[:2] if draw.blur_sigma is not None else (0.0, 0.0)
+    return (1.0 if draw.brightness is None else draw.brightness, float(draw.contrast is not None),
+            1.0 if draw.contrast is None else draw.contrast, float(edge), float(middle))
 
 
 def multi_crop_uint8(
@@ -607,43 +622,71 @@ def multi_crop_uint8(
     ratio: tuple[float, float],
     out: Sequence[np.ndarray],
 ) -> np.ndarray:
-    """``multi_crop`` stopped before the float conversion, for a cheaper hand-over between processes (a quarter of
-    the bytes): writes each crop's uint8 resize (flipped if drawn) into ``out[k]`` ([S_k, S_k, C] uint8) and returns
-    float32 [n_crops, 2], each crop's blur weights (edge, middle), or (0, 0) for no blur. ``finish_crops`` then gives
-    ``multi_crop``'s floats bit for bit. Same draws as ``multi_crop``; only where ``uint8_transfer_applies(params)``."""
+    """``multi_crop`` stopped before the float conversion (a quarter of the bytes to hand over): writes each crop's
+    uint8 resize, flipped and rotated as drawn, into ``out[k]`` ([S_k, S_k, C] uint8) and returns float32
+    [n_crops, len(PHOTOMETRIC_COLUMNS)], each crop's photometric row. ``finish_crops`` then gives ``multi_crop``'s
+    floats bit for bit. Same draws as ``multi_crop``, for every augmentation setting."""
     _check_hwc_uint8(image)
-    if not uint8_transfer_applies(params):
-        raise ValueError("multi_crop_uint8 supports only the flip and blur augmentations")
     height, width, channels = image.shape
     planes_t = _planes_transposed(image)
-    blur = np.zeros((len(specs), 2), np.float32)
+    rows = np.empty((len(specs), len(PHOTOMETRIC_COLUMNS)), np.float32)
     for k, (spec, (box, draw)) in enumerate(zip(specs, _planned_crops(height, width, rng, specs, params, ratio))):
         target = out[k]
         if target.shape != (spec.size, spec.size, channels) or target.dtype != np.uint8:
             raise ValueError(f"out[{k}] must be uint8 {(spec.size, spec.size, channels)}, got {target.dtype} "
                              f"{target.shape}")
-        _resize_lut(planes_t, box.top, box.left, target, _IDENTITY_LUT, draw is not None and draw.hflip,
-                    _coefficients(box.width, spec.size), _coefficients(box.height, spec.size))
-        if draw is not None and draw.blur_sigma is not None:
-            blur[k] = gaussian_kernel3(draw.blur_sigma)[:2]  # the weights gaussian_blur3 would use
-    return blur
+        hflip = draw is not None and draw.hflip
+        x_coefficients, y_coefficients = _coefficients(box.width, spec.size), _coefficients(box.height, spec.size)
+        if draw is not None and (draw.vflip or draw.rot90_k):
+            resized = np.empty_like(target)
+            _resize_lut(planes_t, box.top, box.left, resized, _IDENTITY_LUT, hflip, x_coefficients, y_coefficients)
+            target[...] = _geometric(resized, draw)
+        else:
+            _resize_lut(planes_t, box.top, box.left, target, _IDENTITY_LUT, hflip, x_coefficients, y_coefficients)
+        rows[k] = photometric_row(draw)
+    return rows
 
 
-def finish_crops(crops_u8: np.ndarray, blur: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 crops [B, S, S, C] from ``multi_crop_uint8`` and their blur weights [B, 2] → float32 x/255, blurred where
-    the weights say so: what ``multi_crop`` returns for them. ``out``: a C-contiguous float32 array of the same shape
-    to write into; it is returned."""
+def _geometric(crop: np.ndarray, draw: AugmentDraw) -> np.ndarray:
+    """The vertical flip and rot90 of ``apply_augment`` (a view; the horizontal flip is done by the resize)."""
+    if draw.vflip:
+        crop = crop[::-1]
+    if draw.rot90_k:
+        crop = np.rot90(crop, k=draw.rot90_k, axes=(0, 1))
+    return crop
+
+
+def finish_crops(crops_u8: np.ndarray, photometric: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 crops [B, S, S, C] from ``multi_crop_uint8`` and their photometric rows [B, 5] → float32 x/255, then
+    brightness, contrast and blur where the rows say so: what ``multi_crop`` returns for them, bit for bit. ``out``:
+    a C-contiguous float32 array of the same shape to write into; it is returned."""
     if out is None:
         out = np.empty(crops_u8.shape, np.float32)
     elif out.shape != crops_u8.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 {crops_u8.shape}, got {out.dtype} {out.shape}")
-    if blur.shape != (crops_u8.shape[0], 2):
-        raise ValueError(f"blur weights must have shape {(crops_u8.shape[0], 2)}, got {blur.shape}")
+    photometric = np.asarray(photometric, np.float32)
+    if photometric.shape != (crops_u8.shape[0], len(PHOTOMETRIC_COLUMNS)):
+        raise ValueError(f"photometric rows must have shape {(crops_u8.shape[0], len(PHOTOMETRIC_COLUMNS))} "
+                         f"(columns {PHOTOMETRIC_COLUMNS}), got {photometric.shape}")
     batch, height, width, channels = crops_u8.shape
     if height < 2 or width < 2:
         raise ValueError(f"crops of {height}x{width} are too small to blur")
-    _finish_rows(np.ascontiguousarray(crops_u8).reshape(batch, height, width * channels), blur.astype(np.float32),
-                 out.reshape(batch, height, width * channels), channels)
+    jitter = (photometric[:, 0] != 1) | (photometric[:, 1] != 0)
+    if not jitter.any():  # the paper's chain: conversion and blur in one kernel
+        _finish_rows(np.ascontiguousarray(crops_u8).reshape(batch, height, width * channels),
+                     photometric[:, 3:5], out.reshape(batch, height, width * channels), channels)
+        return out
+    for b in range(batch):  # brightness / contrast: apply_augment's own numpy arithmetic, then its blur
+        brightness, contrast_on, contrast, edge, middle = photometric[b].tolist()
+        draw = AugmentDraw(hflip=False, vflip=False, rot90_k=0,
+                           brightness=None if brightness == 1 else brightness,
+                           contrast=contrast if contrast_on else None, blur_sigma=None)
+        crop = apply_augment(to_unit_float(crops_u8[b]), draw)
+        if middle != 0:
+            _blur3_rows(np.ascontiguousarray(crop).reshape(height, width * channels),
+                        out[b].reshape(height, width * channels), np.float32(edge), np.float32(middle), channels)
+        else:
+            out[b] = crop
     return out
 
 

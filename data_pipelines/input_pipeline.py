@@ -20,6 +20,10 @@ Training (``create_train_dataset``)::
 - Batching happens in the ``MapDataset`` and the image work runs per batch: each Grain worker (or reader thread)
   computes whole batches, so the batches are the same with 0, 1 or N workers, the iterator state restores at the
   exact batch, and the crops are written straight into the batch arrays.
+- ``input.finish`` decides where the crops become floats. 'host': float32 crops (worker processes hand uint8 to
+  this process, which finishes them). 'device': uint8 crops with the flips and rotations done, plus one photometric
+  row per crop (brightness, contrast, blur), finished inside the jitted step (``device_finish``): a quarter of the
+  bytes per batch and no per-pixel host work. Either way the same floats reach the model (to float32 rounding).
 
 Evaluation (``create_eval_dataset``): the source in order, x/255 then the authors' float antialiased bilinear resize,
 strided over processes like training (global batch k = source rows [k·B, (k+1)·B)), the tail padded so every process
@@ -84,6 +88,11 @@ def default_input_config() -> ml_collections.ConfigDict:
     cfg.worker_buffer_size = 2  # batches buffered per worker
     cfg.read_threads = 1  # threads per process computing batches ahead of the step (the kernels release the GIL)
     cfg.prefetch_buffer_size = 2  # batches prefetched by those threads
+    # Where x/255 and the photometric augmentations (brightness, contrast, blur) run: 'host' (batches of float32
+    # crops), 'device' (uint8 crops + photometric rows, finished inside the jitted step: a quarter of the bytes and no
+    # per-pixel host work; data_pipelines.device_finish) or 'auto' (the training loop picks 'device' on an
+    # accelerator and 'host' on a CPU, where the "device" is the same cores).
+    cfg.finish = "auto"
     return cfg
 
 
@@ -296,8 +305,6 @@ class _TrainBatch:
         self._params = augment_params(cfg)
         self._seed = seed
         self._uint8 = uint8_hand_over
-        if uint8_hand_over and not augment.uint8_transfer_applies(self._params):
-            raise ValueError("the uint8 hand-over supports only the flip and blur augmentations")
         self._arrays = _RecycledBatchArrays()
 
     def __call__(self, pairs: np.ndarray) -> dict[str, Any]:
@@ -305,7 +312,8 @@ class _TrainBatch:
         crops: tuple[np.ndarray, ...] | None = None
         row_ids = np.empty(len(indices), np.int64)
         labels: np.ndarray | None = None  # filled when the source's elements carry a 'label' (the lens task)
-        blur = np.zeros((len(self._specs), len(indices), 2), np.float32) if self._uint8 else None
+        photometric = (np.empty((len(self._specs), len(indices), len(augment.PHOTOMETRIC_COLUMNS)), np.float32)
+                       if self._uint8 else None)
         for j, (position, index) in enumerate(zip(positions, indices)):
             element = self._source[index]
             image = _image_of(element, index)
@@ -319,7 +327,7 @@ class _TrainBatch:
             rng = _reused_element_rng(self._seed, position // self._length, index)
             rows = [c[j] for c in crops]
             if self._uint8:
-                blur[:, j] = augment.multi_crop_uint8(image, rng, self._specs, self._params, _RATIO, rows)
+                photometric[:, j] = augment.multi_crop_uint8(image, rng, self._specs, self._params, _RATIO, rows)
             else:
                 augment.multi_crop(image, rng, self._specs, self._params, _RATIO, out=rows)
             row_ids[j] = element["row_id"]
@@ -330,18 +338,19 @@ class _TrainBatch:
         self._arrays.put(crops)
         extra = {"label": labels} if labels is not None else {}
         if self._uint8:
-            return {"crops_uint8": crops, "blur": blur, "row_id": row_ids, **extra}
+            return {"crops_uint8": crops, "photometric": tuple(photometric), "row_id": row_ids, **extra}
         return {"crops": crops, "row_id": row_ids, **extra}
 
 
 class _FinishUint8Batch:
-    """Parent-side map after the worker processes: uint8 crops + blur weights → the float32 batch ``_TrainBatch``
-    computes in-process (bit for bit; ``augment.finish_crops``), into recycled arrays.
+    """Parent-side map after the worker processes (``finish='host'``): uint8 crops + photometric rows → the float32
+    batch ``_TrainBatch`` computes in-process (bit for bit; ``augment.finish_crops``), into recycled arrays.
 
     Why: Grain hands every worker batch over in a NEW shared-memory block, whose pages fault in one by one, in the
     worker as it copies the batch in and in this process as it reads it. For 5 x 4 MB of float32 crops that was
     ~0.5 ms of worker CPU per image on the 2-core machine, more than computing the crops; uint8 crops are a quarter
     of the bytes, and x/255 plus the occasional blur cost ~40 us per image here (benchmarks/input_pipeline.py).
+    With ``finish='device'`` even that is left to the accelerator and the uint8 batch goes on as it is.
     """
 
     def __init__(self):
@@ -351,7 +360,7 @@ class _FinishUint8Batch:
         crops_u8 = batch["crops_uint8"]
         crops = self._arrays.get(tuple(c.shape for c in crops_u8))
         for k, (c, target) in enumerate(zip(crops_u8, crops)):
-            augment.finish_crops(c, batch["blur"][k], out=target)
+            augment.finish_crops(c, batch["photometric"][k], out=target)
         self._arrays.put(crops)
         extra = {"label": np.asarray(batch["label"])} if "label" in batch else {}
         return {"crops": crops, "row_id": np.asarray(batch["row_id"]), **extra}
@@ -436,13 +445,19 @@ def create_train_dataset(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    finish: str | None = None,
 ) -> grain.IterDataset:
     """Local batches ``{'crops': tuple of float32 [B_local, S_k, S_k, C] in [0, 1], 'row_id': int64 [B_local]}``, plus
     ``'label': int32 [B_local]`` when the source's elements carry a ``label`` (data_pipelines.lens_data).
 
+    ``finish='device'`` (default: ``cfg.finish``, where ``'auto'`` means ``'host'``: the backend is the training
+    loop's to know) gives ``{'crops_uint8': tuple of uint8 [B_local, S_k, S_k, C], 'photometric': tuple of float32
+    [B_local, 5], ...}`` instead of ``'crops'``; ``device_finish.finish_crops`` turns each pair into the same crops.
+
     ``cfg.batch_size`` is global; ``B_local = batch_size // process_count``. Crops are in ``crop_specs(cfg)`` order.
     Defaults of ``process_*`` come from ``jax.process_index()`` / ``jax.process_count()``.
     """
+    finish = resolve_finish(cfg.get("finish", "host") if finish is None else finish, accelerator=False)
     process_index, process_count = _process_layout(process_index, process_count)
     local_batch = _local_batch_size(int(cfg.batch_size), process_count)
     crop_specs(cfg), augment_params(cfg)  # validate the config here, not in a worker
@@ -461,11 +476,23 @@ def create_train_dataset(
         raise ValueError(f"{length} images × {cfg.num_epochs} epochs do not fill one global batch of {cfg.batch_size}")
     ds = grain.MapDataset.range(global_batches).map(_LocalBatchPairs(stream, local_batch, process_index,
                                                                      process_count))
-    # With worker processes, the workers hand over uint8 crops and this process finishes them (_FinishUint8Batch).
-    uint8_hand_over = cfg.worker_count > 0 and augment.uint8_transfer_applies(augment_params(cfg))
+    # Worker processes always hand over uint8 crops; with finish='host' this process finishes them (_FinishUint8Batch).
+    uint8_hand_over = cfg.worker_count > 0 or finish == "device"
     ds = ds.map(_TrainBatch(source, cfg, seed, uint8_hand_over=uint8_hand_over))
     return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, cfg.worker_count, cfg.worker_buffer_size,
-                    _FinishUint8Batch() if uint8_hand_over else None)
+                    _FinishUint8Batch() if uint8_hand_over and finish == "host" else None)
+
+
+FINISH_PLACES = ("host", "device", "auto")
+
+
+def resolve_finish(finish: str, *, accelerator: bool) -> str:
+    """``input.finish`` → 'host' or 'device'; 'auto' is 'device' when training runs on an accelerator."""
+    if finish not in FINISH_PLACES:
+        raise ValueError(f"input.finish must be one of {FINISH_PLACES}, got {finish!r}")
+    if finish == "auto":
+        return "device" if accelerator else "host"
+    return finish
 
 
 def create_eval_dataset(
@@ -513,6 +540,7 @@ __all__: Sequence[str] = (
     "element_rng",
     "multi_crop_element",
     "create_train_dataset",
+    "resolve_finish",
     "create_eval_dataset",
     "batches_per_epoch",
 )

@@ -168,24 +168,71 @@ def test_transposed_planes_are_the_transpose(shape):
     np.testing.assert_array_equal(A.transposed_planes(wide), image.transpose(2, 1, 0))
 
 
+ALL_AUGMENTATIONS = A.AugmentParams(hflip_p=0.5, blur_p=0.5, vflip_p=0.5, rot90=True, brightness=0.3, contrast=0.4)
+
+
 def test_uint8_hand_over_then_finish_is_multi_crop_bit_for_bit():
-    """What worker processes hand over (uint8 crops + blur weights) finishes into exactly multi_crop's floats."""
+    """What the uint8 hand-over carries (uint8 crops, flipped and rotated, + photometric rows) finishes on the host
+    into exactly multi_crop's floats, for the paper's chain and for every optional augmentation."""
     image = np.random.default_rng(12).integers(0, 256, (90, 70, 2), dtype=np.uint8)
     specs = (A.CropSpec(32, 1.0, 1.0), A.CropSpec(24, 0.3, 0.6), A.CropSpec(16, 0.5, 0.5))
-    blurred = 0
-    for params in (None, A.AugmentParams(hflip_p=0.5, blur_p=0.5)):
+    seen = np.zeros(len(A.PHOTOMETRIC_COLUMNS), int)  # crops on which each column differed from the identity
+    for params in (None, A.AugmentParams(hflip_p=0.5, blur_p=0.5), ALL_AUGMENTATIONS):
         for seed in range(30):
             expected = A.multi_crop(image, np.random.default_rng(seed), specs, params)
             rows = [np.zeros((s.size, s.size, 2), np.uint8) for s in specs]
-            blur = A.multi_crop_uint8(image, np.random.default_rng(seed), specs, params, (3 / 4, 4 / 3), rows)
-            blurred += int((blur[:, 1] != 0).sum())
+            photometric = A.multi_crop_uint8(image, np.random.default_rng(seed), specs, params, (3 / 4, 4 / 3), rows)
+            seen += (photometric != np.float32(A.PHOTOMETRIC_IDENTITY)).sum(axis=0)
+            if params is None:
+                np.testing.assert_array_equal(photometric, np.float32([A.PHOTOMETRIC_IDENTITY] * len(specs)))
             for k, crop in enumerate(expected):
-                np.testing.assert_array_equal(A.finish_crops(rows[k][None], blur[k : k + 1])[0], crop)
-    assert blurred > 0
-    assert not A.uint8_transfer_applies(A.AugmentParams(brightness=0.2))
-    with pytest.raises(ValueError, match="flip and blur"):
-        A.multi_crop_uint8(image, np.random.default_rng(0), specs, A.AugmentParams(vflip_p=0.5), (3 / 4, 4 / 3),
-                           [np.zeros((s.size, s.size, 2), np.uint8) for s in specs])
+                np.testing.assert_array_equal(A.finish_crops(rows[k][None], photometric[k : k + 1])[0], crop)
+    assert (seen > 0).all(), seen
+    with pytest.raises(ValueError, match="photometric rows must have shape"):
+        A.finish_crops(rows[0][None], np.zeros((1, 2), np.float32))
+
+
+def test_device_finish_equals_host_finish():
+    """data_pipelines.device_finish (jitted, what the step runs with input.finish='device') gives the host's floats:
+    exactly where a crop has no photometric augmentation, to float32 rounding where it has."""
+    import jax
+    import jax.numpy as jnp
+
+    from data_pipelines import device_finish
+
+    image = np.random.default_rng(5).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    specs = (A.CropSpec(24, 0.3, 1.0),) * 40
+    rows = [np.zeros((24, 24, 3), np.uint8) for _ in specs]
+    photometric = A.multi_crop_uint8(image, np.random.default_rng(0), specs, ALL_AUGMENTATIONS, (3 / 4, 4 / 3), rows)
+    photometric[:4] = A.PHOTOMETRIC_IDENTITY  # some crops with nothing photometric to do
+    crops = np.stack(rows)
+    host = A.finish_crops(crops, photometric)
+    device = np.asarray(jax.jit(device_finish.finish_crops)(jnp.asarray(crops), jnp.asarray(photometric)))
+    np.testing.assert_array_equal(device[:4], host[:4])
+    np.testing.assert_allclose(device, host, rtol=0, atol=2e-6)
+    assert (photometric[:, 4] != 0).sum() > 5 and (photometric[:, 1] != 0).sum() > 5  # blurred and contrasted crops
+    with pytest.raises(ValueError, match="photometric rows"):
+        device_finish.finish_crops(jnp.asarray(crops), jnp.asarray(photometric[:, :2]))
+
+
+@pytest.mark.parametrize("worker_count", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_finish_on_device_batches_carry_the_same_crops(worker_count):
+    """finish='device': uint8 crops + photometric rows, which finish into the batches finish='host' yields; with
+    worker processes too (there the host finish happens in this process after the workers)."""
+    source = InMemorySource(12)
+    cfg = small_config(worker_count=worker_count, vflip_p=0.5, rot90=True, brightness=0.2, contrast=0.2, blur_p=0.5)
+    host = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1, finish="host"), 3)
+    device = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1, finish="device"), 3)
+    for h, d in zip(host, device):
+        assert set(d) == {"crops_uint8", "photometric", "row_id"}
+        np.testing.assert_array_equal(h["row_id"], d["row_id"])
+        for crop, crop_u8, photometric in zip(h["crops"], d["crops_uint8"], d["photometric"]):
+            assert crop_u8.dtype == np.uint8 and photometric.shape == (4, len(A.PHOTOMETRIC_COLUMNS))
+            np.testing.assert_array_equal(A.finish_crops(crop_u8, photometric), crop)
+    assert ip.resolve_finish("auto", accelerator=True) == "device"
+    assert ip.resolve_finish("auto", accelerator=False) == "host"
+    with pytest.raises(ValueError, match="input.finish must be one of"):
+        ip.create_train_dataset(source, small_config(finish="gpu"), seed=0, process_index=0, process_count=1)
 
 
 def test_batch_arrays_are_reused_only_once_released():

@@ -179,6 +179,23 @@ def test_a_nan_in_any_crop_leaves_the_whole_state_untouched(tiny, crop_steps, si
         np.testing.assert_array_equal(got, want)
 
 
+def test_uint8_crops_are_finished_in_the_step_like_host_floats(tiny):
+    """input.finish='device': the step finishes uint8 crops + photometric rows itself and trains as on the floats
+    the host would have made of them (augment.finish_crops)."""
+    from data_pipelines import augment as A
+
+    rng = np.random.default_rng(8)
+    crops_u8 = tuple(rng.integers(0, 256, (4, s, s, 1), dtype=np.uint8) for s in SCAN_SIZES)
+    photometric = tuple(np.float32([A.PHOTOMETRIC_IDENTITY, (1.2, 0, 1, 0, 0), (1, 1, 0.7, 0, 0),
+                                    (1, 0, 1, *A.gaussian_kernel3(1.3)[:2])]) for _ in SCAN_SIZES)
+    floats = tuple(A.finish_crops(c, p) for c, p in zip(crops_u8, photometric))
+    want_state, want = tiny.step("per_crop")(tiny.state(), {"crops": floats})
+    got_state, got = tiny.step("per_crop")(tiny.state(), {"crops_uint8": crops_u8, "photometric": photometric})
+    assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(_host(got_state.params)), jax.tree_util.tree_leaves(_host(want_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _load_config(path: str, arg=None):
     spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
     module = importlib.util.module_from_spec(spec)
@@ -254,9 +271,11 @@ def _tiny_config(crop_steps="per_crop", **changes):
     return cfg
 
 
-def test_a_nan_stops_the_run_with_its_step_and_the_last_checkpoint_restores(tmp_path):
+@pytest.mark.parametrize("finish", ["host", "device"])
+def test_a_nan_stops_the_run_with_its_step_and_the_last_checkpoint_restores(tmp_path, finish):
+    """Also with input.finish='device' (uint8 batches; the NaN then enters through a photometric row)."""
     source = _memory_source()
-    cfg = _tiny_config(**{"total_steps": 8, "debug.inject_nan_at_step": 5, "image_every": 0})
+    cfg = _tiny_config(**{"total_steps": 8, "debug.inject_nan_at_step": 5, "image_every": 0, "input.finish": finish})
     with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss .*latest good checkpoint: step 3"):
         train_and_evaluate(cfg, tmp_path, source=source)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -274,6 +293,45 @@ def test_a_nan_stops_the_run_with_its_step_and_the_last_checkpoint_restores(tmp_
     for restored, loaded in zip(jax.tree_util.tree_leaves(_host(state.params)), jax.tree_util.tree_leaves(params)):
         assert np.isfinite(loaded).all()
         np.testing.assert_array_equal(restored, loaded)
+
+
+def test_finishing_on_device_trains_like_finishing_on_the_host(tmp_path):
+    """The loop with input.finish='device' (what 'auto' picks on an accelerator) on the same stream: the same
+    parameters to float32 rounding, and the same preview images (finished on the host for the PNG)."""
+    source = _memory_source()
+    params, previews = {}, {}
+    for finish in ("host", "device"):
+        cfg = _tiny_config(**{"total_steps": 4, "image_every": 2, "input.finish": finish, "input.blur_p": 0.5,
+                              "input.brightness": 0.2})
+        train_and_evaluate(cfg, tmp_path / finish, source=source)
+        params[finish], _ = load_params(tmp_path / finish)
+        previews[finish] = sorted((tmp_path / finish / "images").glob("*.png"))
+    for a, b in zip(jax.tree_util.tree_leaves(params["host"]), jax.tree_util.tree_leaves(params["device"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert [p.name for p in previews["host"]] == [p.name for p in previews["device"]] and previews["host"]
+    for a, b in zip(previews["host"], previews["device"]):
+        np.testing.assert_array_equal(np.asarray(Image.open(a))[:, :16], np.asarray(Image.open(b))[:, :16])
+
+
+def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path):
+    """metrics.jsonl carries data_wait_ms / data_wait_fraction: with no reader thread and a source that takes 25 ms
+    an image, each batch of 8 keeps the loop waiting at least 200 ms (a lower bound, whatever the machine)."""
+    images = _memory_source()
+
+    class SlowSource:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            time.sleep(0.025)
+            return images[index]
+
+    cfg = _tiny_config(**{"total_steps": 3, "image_every": 0, "input.read_threads": 0})
+    train_and_evaluate(cfg, tmp_path, source=SlowSource())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "data_wait_ms" not in rows[0]  # the first step (compilation) is not timed
+    for row in rows[1:]:
+        assert row["data_wait_ms"] >= 200 and 0 < row["data_wait_fraction"] <= 1, row
 
 
 # ---------------------------------------------------------------------------------------------------------- slow

@@ -84,7 +84,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
 
     ``source``: a random-access source to use instead of ``open_source(config.dataset_dir)`` (tests, notebooks).
     """
-    from data_pipelines.input_pipeline import create_train_dataset  # the data room's face
+    from data_pipelines.input_pipeline import create_train_dataset, resolve_finish  # the data room's face
 
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
@@ -129,8 +129,9 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                                  objective=objective, scan_crops=bool(config.get("scan_crops", False)))
     preview = jax.jit(objective.preview)
 
-    iterator = iter(create_train_dataset(source, config.input, seed=int(config.seed),
-                                         process_index=jax.process_index(), process_count=jax.process_count()))
+    finish = resolve_finish(config.input.get("finish", "host"), accelerator=jax.default_backend() != "cpu")
+    iterator = iter(create_train_dataset(source, config.input, seed=int(config.seed), process_index=jax.process_index(),
+                                         process_count=jax.process_count(), finish=finish))
     config_record = json.loads(config.to_json_best_effort())
     config_record["model"] = model_record
     config_record["plan"] = plan
@@ -163,10 +164,10 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", unit="step",
                     dynamic_ncols=True)
     last_saved = start_step if start_step else None
-    pending = None  # (step, metrics) dispatched but not yet read back
+    pending = None  # (step, metrics, (when its batch was asked for, seconds waited)) dispatched, not yet read back
     summary = {"start_step": start_step, "total_steps": total_steps}
 
-    def record(step: int, metrics) -> None:
+    def record(step: int, metrics, data_wait: tuple[float, float]) -> None:
         host = fetch_replicated(metrics)
         if not bool(host["finite"]):
             bad = [name for name, key in (("loss", "loss_finite"), ("gradient", "grad_finite")) if not host[key]]
@@ -176,6 +177,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                 f"grad_norm={float(host['grad_norm'])}); the update was not applied and nothing was saved after it "
                 f"({where} in {checkpointer.directory})")
         window.add({k: float(v) for k, v in host.items() if not k.endswith("finite")})
+        window.add_wait(*data_wait)
         summary["final_loss"] = float(host["loss"])
         first = step == start_step + 1  # includes compilation: logged, but not timed
         if first or step % log_every == 0 or step == total_steps:
@@ -188,24 +190,27 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
             writer.write(step, row)
             if "images_per_s" in row:
                 summary["images_per_s"] = row["images_per_s"]
-            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row.get('images_per_s', 0):.1f}")
+            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row.get('images_per_s', 0):.1f}",
+                                 data_wait=f"{100 * row.get('data_wait_fraction', 0):.0f}%")
 
     t_start = time.perf_counter()
     try:
         for step in range(start_step + 1, total_steps + 1):
+            t_wait = time.perf_counter()
             try:
                 local = next(iterator)
             except StopIteration:
                 log.warning("the input stream ended at step %d (input.num_epochs is set); stopping", step - 1)
                 break
-            crops = tuple(local["crops"])
+            data_wait = (t_wait, time.perf_counter() - t_wait)
+            images = _batch_images(local)
             if step == inject_nan_at:  # debug switch: poison one pixel of this batch
-                crops = (_with_nan(crops[0]),) + crops[1:]
-            batch = global_batch({"crops": crops, **{k: local[k] for k in objective.batch_keys}}, mesh)
+                images = _with_nan(images)
+            batch = global_batch({**images, **{k: local[k] for k in objective.batch_keys}}, mesh)
             state, metrics = train_step(state, batch)
             if pending is not None:
                 record(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, data_wait)
             if step == start_step + 1 or step % every_steps == 0 or step == total_steps:
                 record(*pending)  # a checkpoint only of a state whose step was read back finite
                 pending = None
@@ -213,7 +218,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                     checkpointer.save(step, state, iterator, config_record)
                     last_saved = step
             if is_main and image_every and step % image_every == 0:
-                _write_preview(writer, step, preview, state, crops[0])
+                _write_preview(writer, step, preview, state, _first_crop_on_host(images))
             due = [name for name, ev in evaluators.items() if ev.due(step, total_steps)]
             if due and pending is not None:
                 record(*pending)  # evaluate only a state whose step was read back finite
@@ -260,7 +265,8 @@ def build_evaluators(config, objective_name: str) -> dict:
 
 
 class _Window:
-    """Means of the step metrics (loss, gradient norm, the objective's aux) and throughput since the last log row."""
+    """Means of the step metrics (loss, gradient norm, the objective's aux), throughput and the time the loop waited
+    for the input pipeline since the last log row."""
 
     def __init__(self):
         self.restart()
@@ -269,6 +275,16 @@ class _Window:
         self.values: dict[str, list[float]] = {}
         self.t0 = time.perf_counter()
         self.timed_steps = 0
+        self.waits: list[float] = []
+        self.first_wait_start: float | None = None
+
+    def add_wait(self, started: float, seconds: float):
+        """A step's batch was asked for at ``started`` (perf_counter) and took ``seconds`` in ``next(iterator)``:
+        the pipeline was not ready (the device sat idle unless it still had queued steps). Steps are read back one
+        late, so a window's waits are measured from its first step's request, not from the last log row."""
+        self.waits.append(seconds)
+        if self.first_wait_start is None:
+            self.first_wait_start = started
 
     def add(self, scalars: dict[str, float]):
         for name, value in scalars.items():
@@ -280,14 +296,35 @@ class _Window:
         row = {name: float(np.mean(values)) for name, values in self.values.items()}
         if timed and elapsed > 0:
             row["images_per_s"] = self.timed_steps * batch_size / elapsed
+            if self.waits:
+                row["data_wait_ms"] = 1e3 * float(np.mean(self.waits))
+                row["data_wait_fraction"] = float(np.sum(self.waits)) / (time.perf_counter() - self.first_wait_start)
         self.restart()
         return row
 
 
-def _with_nan(crops: np.ndarray) -> np.ndarray:
-    crops = np.array(crops, copy=True)
-    crops.reshape(-1)[0] = np.nan
-    return crops
+def _batch_images(local: dict) -> dict:
+    """The image part of a pipeline batch: float crops, or uint8 crops + photometric rows (finished in the step)."""
+    if "crops_uint8" in local:
+        return {"crops_uint8": tuple(local["crops_uint8"]), "photometric": tuple(local["photometric"])}
+    return {"crops": tuple(local["crops"])}
+
+
+def _with_nan(images: dict) -> dict:
+    """``images`` with one value of the first crop poisoned: a pixel, or (uint8 crops) the first image's brightness."""
+    key = "crops" if "crops" in images else "photometric"
+    first = np.array(images[key][0], dtype=np.float32 if key == "crops" else None, copy=True)
+    first.reshape(-1)[0] = np.nan
+    return {**images, key: (first,) + tuple(images[key][1:])}
+
+
+def _first_crop_on_host(images: dict, n: int = 8) -> np.ndarray:
+    """The first crop of the first ``n`` images as float32, finished on the host when the step finishes them."""
+    if "crops" in images:
+        return np.asarray(images["crops"][0][:n])
+    from data_pipelines.augment import finish_crops
+
+    return finish_crops(np.asarray(images["crops_uint8"][0][:n]), np.asarray(images["photometric"][0][:n]))
 
 
 def _write_preview(writer: MetricWriter, step: int, preview, state, local_crops: np.ndarray, n: int = 8) -> None:

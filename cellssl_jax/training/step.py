@@ -13,6 +13,10 @@ replicated. XLA inserts the gradient all-reduce; the function reads the same on 
   convolutions inside a while-loop body lose XLA:CPU's fast paths. Try scan on accelerators, where the loop body is the same kernels.
 - ``"joint"``: the mean loss over all crops, one update per batch.
 
+A batch may instead carry ``{'crops_uint8': (...), 'photometric': (...)}`` (``input.finish='device'``): the step then
+finishes the crops itself (x/255, brightness, contrast, blur; ``data_pipelines.device_finish``) before the first
+update, so the host hands over uint8 and does no per-pixel work.
+
 Non-finite guard: an update is applied only when its loss and its gradient norm are finite. If any crop of the batch
 is not finite the whole batch is dropped: the returned state is the input state unchanged (same step, parameters and
 optimizer state), and ``metrics['finite']`` is False, so the loop can stop with the last good state still in hand and
@@ -30,6 +34,7 @@ import optax
 
 from cellssl_jax.parallel import batch_sharding, replicated_sharding
 from cellssl_jax.training.objectives.autoencoder import AutoencoderObjective
+from data_pipelines import device_finish
 
 CROP_STEPS = ("per_crop", "joint")
 
@@ -98,7 +103,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, loss: str
         return params, opt_state, apply, (value, grad_norm, loss_ok, grad_ok, aux)
 
     def train_step(state: TrainState, batch):
-        crops = tuple(batch["crops"])
+        crops = batch_crops(batch)
         extras = {k: batch[k] for k in objective.batch_keys}
         if needs_rng:
             key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -147,6 +152,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, loss: str
     replicated = replicated_sharding(mesh)
     return jax.jit(train_step, in_shardings=(replicated, batch_sharding(mesh)), out_shardings=(replicated, replicated),
                    donate_argnums=0)
+
+
+def batch_crops(batch: Mapping[str, Any]) -> tuple:
+    """The batch's float crops: ``batch['crops']``, or the uint8 crops finished here (``input.finish='device'``)."""
+    if "crops_uint8" in batch:
+        return tuple(device_finish.finish_crops(c, p) for c, p in zip(batch["crops_uint8"], batch["photometric"]))
+    return tuple(batch["crops"])
 
 
 def updates_per_batch(crop_steps: str, n_crops: int) -> int:
