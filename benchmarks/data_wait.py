@@ -95,9 +95,13 @@ def main(argv=None) -> int:
     tx = optax.adam(1e-3)
     step = make_train_step(model, tx, loss="bce", crop_steps=args.crop_steps, mesh=mesh)
     state = create_train_state(model, tx, 0, image_size=int(cfg.size_crops[0]), mesh=mesh)
-    finish = ip.resolve_finish(args.finish, accelerator=jax.default_backend() != "cpu")
-    print(f"finish={finish}", flush=True)
-    iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1, finish=finish))
+    accelerator = jax.default_backend() != "cpu"
+    cfg.finish = args.finish
+    finish = ip.resolve_finish(args.finish, accelerator=accelerator)
+    print(f"finish={finish}, worker processes: {ip.resolve_worker_count(cfg.worker_count, accelerator=accelerator)}",
+          flush=True)
+    iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1,
+                                            accelerator=accelerator))
 
     def to_device(local):
         keys = ("crops_uint8", "photometric") if finish == "device" else ("crops",)

@@ -127,10 +127,11 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
 
     grain_cfg.read_threads = 0  # this thread computes the batches: the process's CPU time is the pipeline's
     # One iterator for all runs: the steady state of training (start-up and first batches are not what limits it).
-    grain_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1,
-                                                  finish="host"))
+    grain_cfg.finish = "host"
+    grain_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0, process_count=1))
+    grain_cfg.finish = "device"
     device_iterator = iter(ip.create_train_dataset(pipeline_source, grain_cfg, seed=0, process_index=0,
-                                                   process_count=1, finish="device"))
+                                                   process_count=1))
 
     def grain_run(iterator=grain_iterator):
         for _ in range(batches):
@@ -179,7 +180,8 @@ def bench_parallel(source, args, *, workers: int = 0, threads: int = 0,
     cfg.worker_count = workers
     cfg.read_threads = threads
     cfg.prefetch_buffer_size = max(2, threads)
-    it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1, finish=finish))
+    cfg.finish = finish
+    it = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1))
     next(it)
     pids = [os.getpid()] + [child.pid for child in multiprocessing.active_children()]
     rates = []

@@ -37,6 +37,7 @@ next batch, with or without workers. For Orbax, grain 0.2.18 ships ``grain.check
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -81,10 +82,12 @@ def default_input_config() -> ml_collections.ConfigDict:
     cfg.contrast = 0.0
     cfg.shuffle = True
     cfg.num_epochs = config_dict.placeholder(int)  # None: repeat forever
-    # Parallelism. Defaults suit a 2-core machine (platform_notes "Grain"): no worker processes (they cost ~1 s to start
-    # and a core each), one reader thread that prepares the next batches while the step runs, so the step does not wait
-    # (benchmarks/data_wait.py; BENCHMARKS.md). On a GPU host raise worker_count (e.g. 12 of 16 cores).
-    cfg.worker_count = 0  # grain worker processes (mp_prefetch); each computes whole batches
+    # Parallelism. On a CPU-only machine (the 2-core one of platform_notes "Grain"): no worker processes (they cost
+    # ~1 s to start and a core each, and the step needs the cores), one reader thread that prepares the next batches
+    # while the step runs, so the step does not wait (benchmarks/data_wait.py; BENCHMARKS.md). On an accelerator host
+    # worker_count=-1 starts one worker process per core but 4 (resolve_worker_count: 12 of 16 cores kept an H200 ~95%
+    # fed in BENCHMARKS.md "GPU").
+    cfg.worker_count = -1  # grain worker processes (mp_prefetch), each computing whole batches; -1: auto
     cfg.worker_buffer_size = 2  # batches buffered per worker
     cfg.read_threads = 1  # threads per process computing batches ahead of the step (the kernels release the GIL)
     cfg.prefetch_buffer_size = 2  # batches prefetched by those threads
@@ -445,19 +448,21 @@ def create_train_dataset(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
-    finish: str | None = None,
+    accelerator: bool = False,
 ) -> grain.IterDataset:
     """Local batches ``{'crops': tuple of float32 [B_local, S_k, S_k, C] in [0, 1], 'row_id': int64 [B_local]}``, plus
     ``'label': int32 [B_local]`` when the source's elements carry a ``label`` (data_pipelines.lens_data).
 
-    ``finish='device'`` (default: ``cfg.finish``, where ``'auto'`` means ``'host'``: the backend is the training
-    loop's to know) gives ``{'crops_uint8': tuple of uint8 [B_local, S_k, S_k, C], 'photometric': tuple of float32
-    [B_local, 5], ...}`` instead of ``'crops'``; ``device_finish.finish_crops`` turns each pair into the same crops.
+    ``cfg.finish = 'device'`` gives ``{'crops_uint8': tuple of uint8 [B_local, S_k, S_k, C], 'photometric': tuple of
+    float32 [B_local, 5], ...}`` instead of ``'crops'``; ``device_finish.finish_crops`` turns each pair into the same
+    crops. ``accelerator``: whether the batches feed an accelerator (the training loop knows the backend; this room
+    does not): it decides what ``finish='auto'`` and ``worker_count=-1`` become.
 
     ``cfg.batch_size`` is global; ``B_local = batch_size // process_count``. Crops are in ``crop_specs(cfg)`` order.
     Defaults of ``process_*`` come from ``jax.process_index()`` / ``jax.process_count()``.
     """
-    finish = resolve_finish(cfg.get("finish", "host") if finish is None else finish, accelerator=False)
+    finish = resolve_finish(cfg.get("finish", "host"), accelerator=accelerator)
+    worker_count = resolve_worker_count(cfg.worker_count, accelerator=accelerator)
     process_index, process_count = _process_layout(process_index, process_count)
     local_batch = _local_batch_size(int(cfg.batch_size), process_count)
     crop_specs(cfg), augment_params(cfg)  # validate the config here, not in a worker
@@ -477,9 +482,9 @@ def create_train_dataset(
     ds = grain.MapDataset.range(global_batches).map(_LocalBatchPairs(stream, local_batch, process_index,
                                                                      process_count))
     # Worker processes always hand over uint8 crops; with finish='host' this process finishes them (_FinishUint8Batch).
-    uint8_hand_over = cfg.worker_count > 0 or finish == "device"
+    uint8_hand_over = worker_count > 0 or finish == "device"
     ds = ds.map(_TrainBatch(source, cfg, seed, uint8_hand_over=uint8_hand_over))
-    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, cfg.worker_count, cfg.worker_buffer_size,
+    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, worker_count, cfg.worker_buffer_size,
                     _FinishUint8Batch() if uint8_hand_over and finish == "host" else None)
 
 
@@ -493,6 +498,21 @@ def resolve_finish(finish: str, *, accelerator: bool) -> str:
     if finish == "auto":
         return "device" if accelerator else "host"
     return finish
+
+
+def resolve_worker_count(worker_count: int, *, accelerator: bool, cpu_count: int | None = None) -> int:
+    """``input.worker_count`` → a number of worker processes; -1 (auto): none on a CPU-only machine, where the step
+    needs the cores, and on an accelerator host one per core but 4 (left to the training process, its reader and the
+    system), at least 1 and at most 32."""
+    worker_count = int(worker_count)
+    if worker_count >= 0:
+        return worker_count
+    if worker_count != -1:
+        raise ValueError(f"input.worker_count must be >= 0 or -1 (auto), got {worker_count}")
+    if not accelerator:
+        return 0
+    cores = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
+    return max(1, min(cores - 4, 32))
 
 
 def create_eval_dataset(
@@ -541,6 +561,7 @@ __all__: Sequence[str] = (
     "multi_crop_element",
     "create_train_dataset",
     "resolve_finish",
+    "resolve_worker_count",
     "create_eval_dataset",
     "batches_per_epoch",
 )

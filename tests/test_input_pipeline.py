@@ -221,8 +221,10 @@ def test_finish_on_device_batches_carry_the_same_crops(worker_count):
     worker processes too (there the host finish happens in this process after the workers)."""
     source = InMemorySource(12)
     cfg = small_config(worker_count=worker_count, vflip_p=0.5, rot90=True, brightness=0.2, contrast=0.2, blur_p=0.5)
-    host = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1, finish="host"), 3)
-    device = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1, finish="device"), 3)
+    cfg.finish = "host"
+    host = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1), 3)
+    cfg.finish = "auto"  # 'device' for a pipeline that feeds an accelerator
+    device = take(ip.create_train_dataset(source, cfg, seed=4, process_index=0, process_count=1, accelerator=True), 3)
     for h, d in zip(host, device):
         assert set(d) == {"crops_uint8", "photometric", "row_id"}
         np.testing.assert_array_equal(h["row_id"], d["row_id"])
@@ -233,6 +235,17 @@ def test_finish_on_device_batches_carry_the_same_crops(worker_count):
     assert ip.resolve_finish("auto", accelerator=False) == "host"
     with pytest.raises(ValueError, match="input.finish must be one of"):
         ip.create_train_dataset(source, small_config(finish="gpu"), seed=0, process_index=0, process_count=1)
+
+
+def test_worker_count_auto_starts_workers_only_for_an_accelerator():
+    assert ip.default_input_config().worker_count == -1
+    assert ip.resolve_worker_count(-1, accelerator=False, cpu_count=16) == 0  # the step needs the CPU's cores
+    assert ip.resolve_worker_count(-1, accelerator=True, cpu_count=16) == 12  # what fed an H200 (BENCHMARKS.md)
+    assert ip.resolve_worker_count(-1, accelerator=True, cpu_count=2) == 1
+    assert ip.resolve_worker_count(-1, accelerator=True, cpu_count=224) == 32
+    assert ip.resolve_worker_count(3, accelerator=False) == 3
+    with pytest.raises(ValueError, match="worker_count must be >= 0 or -1"):
+        ip.resolve_worker_count(-2, accelerator=True)
 
 
 def test_batch_arrays_are_reused_only_once_released():

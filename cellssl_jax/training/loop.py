@@ -84,7 +84,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
 
     ``source``: a random-access source to use instead of ``open_source(config.dataset_dir)`` (tests, notebooks).
     """
-    from data_pipelines.input_pipeline import create_train_dataset, resolve_finish  # the data room's face
+    from data_pipelines.input_pipeline import create_train_dataset  # the data room's face
 
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
@@ -129,9 +129,9 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                                  objective=objective, scan_crops=bool(config.get("scan_crops", False)))
     preview = jax.jit(objective.preview)
 
-    finish = resolve_finish(config.input.get("finish", "host"), accelerator=jax.default_backend() != "cpu")
     iterator = iter(create_train_dataset(source, config.input, seed=int(config.seed), process_index=jax.process_index(),
-                                         process_count=jax.process_count(), finish=finish))
+                                         process_count=jax.process_count(),
+                                         accelerator=jax.default_backend() != "cpu"))
     config_record = json.loads(config.to_json_best_effort())
     config_record["model"] = model_record
     config_record["plan"] = plan
