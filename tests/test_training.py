@@ -327,7 +327,8 @@ def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path):
             return images[index]
 
     cfg = _tiny_config(**{"total_steps": 3, "image_every": 0, "input.read_threads": 0})
-    train_and_evaluate(cfg, tmp_path, source=SlowSource())
+    summary = train_and_evaluate(cfg, tmp_path, source=SlowSource())
+    assert 0 < summary["data_wait_fraction"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "data_wait_ms" not in rows[0]  # the first step (compilation) is not timed
     for row in rows[1:]:

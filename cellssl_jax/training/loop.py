@@ -180,6 +180,9 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         window.add_wait(*data_wait)
         summary["final_loss"] = float(host["loss"])
         first = step == start_step + 1  # includes compilation: logged, but not timed
+        if not first:
+            waited["seconds"] += data_wait[1]
+            waited.setdefault("since", data_wait[0])
         if first or step % log_every == 0 or step == total_steps:
             row = window.flush(plan["batch_size"], timed=not first)
             row["epoch"] = step / plan["steps_per_epoch"]
@@ -194,6 +197,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                                  data_wait=f"{100 * row.get('data_wait_fraction', 0):.0f}%")
 
     t_start = time.perf_counter()
+    waited = {"seconds": 0.0}  # time in next(iterator) after the first step, and since when
     try:
         for step in range(start_step + 1, total_steps + 1):
             t_wait = time.perf_counter()
@@ -238,6 +242,8 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         checkpointer.close()  # waits for asynchronous saves of good states
         writer.close()
     summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, plan=plan)
+    if "since" in waited:  # the whole run's share of time spent waiting for data (the first step excluded)
+        summary["data_wait_fraction"] = waited["seconds"] / (time.perf_counter() - waited["since"])
     return summary
 
 
