@@ -88,6 +88,19 @@ def test_latent_and_pooled_features_in_one_pass(dataset, tmp_path):
     np.testing.assert_allclose(pooled[pcols[i_b1]].to_numpy(), b1[order, :, :, 7].std(axis=(1, 2)), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_worker_processes_read_the_same_features(dataset, tmp_path):
+    """What an accelerator host does by default (worker processes reading and resizing ahead): the same rows."""
+    model = ConvAE(**SMALL)
+    params = init_params(model, jax.random.key(0), image_size=32)
+    kwargs = dict(mode="pooled", batch_size=4, image_size=32, progress=False)
+    in_process = pd.read_parquet(extract_features(params, model, dataset, tmp_path / "a.parquet", worker_count=0,
+                                                  **kwargs))
+    workers = pd.read_parquet(extract_features(params, model, dataset, tmp_path / "b.parquet", worker_count=2,
+                                               **kwargs))
+    pd.testing.assert_frame_equal(in_process, workers)
+
+
 _SHARDED = r"""
 import sys, jax, numpy as np
 from cellssl_jax.features import extract_features
