@@ -365,14 +365,21 @@ def _run(cmd, timeout=180, **env):
 
 @pytest.mark.slow
 def test_one_step_on_8_devices_equals_one_device():
+    """Also with uint8 crops finished in the step (input.finish='device', the accelerator default): the photometric
+    rows are split over the devices with their crops."""
     script = textwrap.dedent("""
         import jax, numpy as np, optax
         from cellssl_jax.models.convae import ConvAE
         from cellssl_jax.parallel import make_data_mesh, global_batch, replicate
         from cellssl_jax.training.step import create_train_state, make_train_step
+        from data_pipelines.augment import PHOTOMETRIC_IDENTITY, finish_crops, gaussian_kernel3
         assert jax.device_count() == 8, jax.devices()
         rng = np.random.default_rng(0)
-        crops = tuple(rng.uniform(0, 1, (16, 32, 32, 1)).astype(np.float32) for _ in range(3))
+        crops_u8 = tuple(rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8) for _ in range(3))
+        photometric = np.float32([PHOTOMETRIC_IDENTITY] * 16)
+        photometric[::3, 3:] = gaussian_kernel3(1.5)[:2]  # every third image blurred
+        photometric = (photometric,) * 3
+        crops = tuple(finish_crops(c, p) for c, p in zip(crops_u8, photometric))
         model, tx = ConvAE(encoder_widths=(8, 8, 8), decoder_widths=(8, 8, 8)), optax.adam(1e-3)
         # Parameters drawn on the host (no PRNG program to compile); each mesh gets its own copy of the same state.
         rng_p = np.random.default_rng(1)
@@ -380,18 +387,21 @@ def test_one_step_on_8_devices_equals_one_device():
         params = jax.tree_util.tree_map(lambda s: rng_p.uniform(-0.2, 0.2, s.shape).astype(np.float32), shapes)
         start = jax.device_get(create_train_state(model, tx, 0, params=params))
         out = []
-        for mesh in (make_data_mesh(jax.devices()[:1]), make_data_mesh()):
+        for mesh, images in ((make_data_mesh(jax.devices()[:1]), {"crops": crops}),
+                             (make_data_mesh(), {"crops": crops}),
+                             (make_data_mesh(), {"crops_uint8": crops_u8, "photometric": photometric})):
             step = make_train_step(model, tx, crop_steps="per_crop", mesh=mesh)
-            batch = global_batch({"crops": crops}, mesh)
-            assert len(batch["crops"][0].sharding.device_set) == mesh.size
+            batch = global_batch(images, mesh)
+            assert all(len(leaf.sharding.device_set) == mesh.size for leaf in jax.tree_util.tree_leaves(batch))
             state, metrics = step(replicate(start, mesh), batch)
             out.append((jax.device_get(state.params), float(metrics["loss"])))
-        (p1, l1), (p8, l8) = out
-        assert abs(l1 - l8) <= 1e-6 * abs(l1), (l1, l8)
+        (p1, l1), *others = out
         worst = 0.0
-        for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-            worst = max(worst, float(np.abs(a - b).max()))
+        for p8, l8 in others:
+            assert abs(l1 - l8) <= 1e-6 * abs(l1), (l1, l8)
+            for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+                worst = max(worst, float(np.abs(a - b).max()))
         print("max |dparam|", worst)
     """)
     _run([sys.executable, "-c", script], XLA_FLAGS="--xla_force_host_platform_device_count=8")
