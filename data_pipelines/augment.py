@@ -469,13 +469,7 @@ def _augment_draw_from(draws: list[float], params: AugmentParams) -> AugmentDraw
 def apply_augment(crop: np.ndarray, draw: AugmentDraw, *, hflip_done: bool = False) -> np.ndarray:
     """Applies drawn decisions in the chain's order: flips, rot90, brightness, contrast, blur. Values stay in [0, 1]
     (flips and blur are convex, jitter clips). May return a view of ``crop``."""
-    out = crop
-    if draw.hflip and not hflip_done:
-        out = out[:, ::-1]
-    if draw.vflip:
-        out = out[::-1]
-    if draw.rot90_k:
-        out = np.rot90(out, k=draw.rot90_k, axes=(0, 1))
+    out = _geometric(crop[:, ::-1] if draw.hflip and not hflip_done else crop, draw)
     if draw.brightness is not None or draw.contrast is not None:
         # Contiguous before the crop's mean is taken: numpy sums a flipped or rotated view in another order, and the
         # uint8 hand-over (flips done in uint8, finish_crops) must give the same bits.
@@ -648,7 +642,7 @@ def multi_crop_uint8(
 
 
 def _geometric(crop: np.ndarray, draw: AugmentDraw) -> np.ndarray:
-    """The vertical flip and rot90 of ``apply_augment`` (a view; the horizontal flip is done by the resize)."""
+    """The vertical flip and rot90 of a draw, as a view (the horizontal flip is the resize's or the caller's)."""
     if draw.vflip:
         crop = crop[::-1]
     if draw.rot90_k:
