@@ -511,8 +511,9 @@ def resolve_worker_count(worker_count: int, *, accelerator: bool, cpu_count: int
         raise ValueError(f"input.worker_count must be >= 0 or -1 (auto), got {worker_count}")
     if not accelerator:
         return 0
-    cores = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
-    return max(1, min(cores - 4, 32))
+    if cpu_count is None:  # the cores this process may run on (a container's or job's share), where the OS says
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpu_count - 4, 32))
 
 
 def create_eval_dataset(
