@@ -6,7 +6,8 @@
 # Each part runs under its own time limit and writes its log to $OUT/<part>.log, so a part that hangs or fails costs
 # only its own figures. Parts: environment; the training step (formulations auto = plain, plain_1ch, subpixel) and
 # encoder inference in bf16 at batch 256 against PyTorch eager NCHW / channels_last and torch.compile; batch 64 in bf16;
-# float32 at batch 256; the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
+# float32 at batch 256 (the project step fed uint8 crops that it finishes itself, as training on a GPU runs since
+# 2026-11-26; --finish host gives the float-fed step of the earlier figures); the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
 # processes feeding the bf16 step), with the crops finished on the GPU (input.finish=auto) and on the host. About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
 # added ~50 s of XLA autotuning per formulation, so it is left out here). Python packages that the
 # machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present;

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--quick] [--batch-sizes 64 256] [--dtype float32|bfloat16]
         [--repeats 5] [--formulations auto subpixel] [--torch nchw channels_last compile] [--minimal-step]
-        [--ynn] [--no-hugepages] [--skip-inference]
+        [--ynn] [--no-hugepages] [--skip-inference] [--finish auto|host|device]
 
 What is timed, in one process, after warm-up (compilation excluded), as the median of ``--repeats`` calls. The calls of
 all variants are interleaved (repeat r of every variant, then repeat r+1), so machine load hits them alike; the load
@@ -10,6 +10,9 @@ average is printed before and after.
 - JAX: THE PROJECT'S STEP, ``cellssl_jax.training.step.make_train_step(model, optax.adam(1e-3), loss='bce',
   crop_steps='joint', mesh=make_data_mesh())`` on ``{'crops': (x,)}``: one Adam update on B images of 128×128×1 per
   call, state donated. One variant per ``--formulations`` entry (``auto`` = ``subpixel_vjp`` + 1-image slices on CPU).
+  With ``--finish device`` (what ``auto`` picks on an accelerator, as training does: ``input.finish``) the step is fed
+  uint8 crops and photometric rows (a fifth of the images blurred, as the paper's p=0.2) and finishes them itself, so
+  the time includes that work; PyTorch is always fed finished floats.
   ``--minimal-step`` adds a bare jitted Adam+BCE step on the best formulation (what the real step costs on top).
   ``--ynn`` adds the best formulation compiled with YNNPACK on (per-jit compiler option), to re-check platform.py.
 - PyTorch: the authors' module (Conv2d / ConvTranspose2d / nn.Upsample / MaxPool2d), ``Adam(lr=1e-3)``, ``BCELoss``,
@@ -83,6 +86,9 @@ def parse_args(argv=None):
                         "and the sync out of an accelerator's timing (default: 1 on CPU, 10 on an accelerator)")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--no-hugepages", action="store_true")
+    p.add_argument("--finish", choices=["auto", "host", "device"], default="auto",
+                   help="feed the project step float crops (host) or uint8 crops it finishes itself (device); auto: "
+                        "as the training loop, device on an accelerator")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeats = [16], 2
@@ -110,10 +116,21 @@ def jax_variants(args, batch: int):
     from cellssl_jax.models.convae import ConvAE
     from cellssl_jax.parallel import batch_sharding, make_data_mesh
     from cellssl_jax.training.step import create_train_state, make_train_step
+    from data_pipelines.augment import PHOTOMETRIC_IDENTITY, gaussian_kernel3
+    from data_pipelines.input_pipeline import resolve_finish
 
     mesh = make_data_mesh()
-    x = np.random.default_rng(0).random((batch, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)
-    batch_arrays = {"crops": (jax.device_put(x, batch_sharding(mesh)),)}
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)
+    on_device = lambda a: jax.device_put(a, batch_sharding(mesh))  # noqa: E731
+    finish_on_device = resolve_finish(args.finish, accelerator=jax.default_backend() != "cpu") == "device"
+    if finish_on_device:
+        photometric = np.float32([PHOTOMETRIC_IDENTITY] * batch)
+        photometric[::5, 3:] = gaussian_kernel3(1.0)[:2]
+        crops_u8 = rng.integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8)
+        batch_arrays = {"crops_uint8": (on_device(crops_u8),), "photometric": (on_device(photometric),)}
+    else:
+        batch_arrays = {"crops": (on_device(x),)}
     variants = {}
     for formulation in args.formulations:
         model = ConvAE(formulation=formulation, dtype=args.dtype, micro_batch=args.micro_batch)
@@ -125,13 +142,14 @@ def jax_variants(args, batch: int):
             holder[0], metrics = step(holder[0], batch_arrays)
             return metrics
 
-        variants[f"jax {formulation} (project step)"] = (call, jax.block_until_ready)
+        fed = ", finishing uint8 crops" if finish_on_device else ""
+        variants[f"jax {formulation} (project step{fed})"] = (call, jax.block_until_ready)
     best = args.formulations[0]
     if args.minimal_step:
-        variants[f"jax {best} (minimal step)"] = (minimal_step(args, best, batch_arrays["crops"][0]), jax.block_until_ready)
+        variants[f"jax {best} (minimal step)"] = (minimal_step(args, best, on_device(x)), jax.block_until_ready)
     if args.ynn:
         variants[f"jax {best} + YNNPACK (minimal step)"] = (
-            minimal_step(args, best, batch_arrays["crops"][0], compiler_options=YNN_ON), jax.block_until_ready)
+            minimal_step(args, best, on_device(x), compiler_options=YNN_ON), jax.block_until_ready)
     return variants
 
 
