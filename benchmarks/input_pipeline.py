@@ -17,6 +17,8 @@ images/s of one process (= one core) and images per CPU-second of that process:
   grain, 0 workers    create_train_dataset(...) in-process, batches of --batch (includes Grain's index plumbing)
   ... finish=device   the same with input.finish='device': uint8 crops + photometric rows, x/255 and blur left to the
                       accelerator (what the training loop picks there); the host's share of the work
+  eval: ...           one image of feature extraction (create_eval_dataset's element): decode, x/255, the authors'
+                      float antialiased resize to 128 px
 Then the pipeline with T reader threads in the process (the kernels release the GIL) and with N worker processes,
 for each --finish place,
 start-up (first batch) excluded, reported as images/s (wall) and images per CPU-second of this process AND its
@@ -147,6 +149,8 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
                                    for i in range(n)],
         f"grain, 0 workers, batch {args.batch}": grain_run,
         f"  ... finish=device": lambda: grain_run(device_iterator),
+        "eval: decode + x/255 + float resize": lambda: [A.eval_preprocess(source[i]["image"], 128).shape and None
+                                                        for i in range(n)],
     }
     counts = {name: n for name in stages}
     counts[f"grain, 0 workers, batch {args.batch}"] = counts["  ... finish=device"] = batches * args.batch

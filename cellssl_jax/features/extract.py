@@ -84,6 +84,12 @@ def column_names(n_features: int) -> list[str]:
     return [f"f{i:0{width}d}" for i in range(n_features)]
 
 
+# Below this many images, auto (worker_count=-1) reads with the one thread: ~0.45 ms an image on one core
+# (benchmarks/input_pipeline.py, "eval" row: ~2 s for 4,096 images) against worker processes that take ~1 s each to
+# start (platform notes) before they read anything.
+_WORKERS_FROM_IMAGES = 4096
+
+
 def extract_features(
     params,
     model: ConvAE,
@@ -110,8 +116,8 @@ def extract_features(
     every process and device. Only process 0 writes; other processes send their rows to it.
 
     The images are read and resized ahead of the encoder, by one reader thread (so reading overlaps the encoder on a
-    CPU) and, on an accelerator, by ``worker_count`` processes (-1: one per core but 4, as in training; the encoder
-    there runs ~100× faster than one core resizes images).
+    CPU) and, on an accelerator, by ``worker_count`` processes (-1: one per core but 4, as in training, for
+    ``_WORKERS_FROM_IMAGES`` images or more; the encoder there runs ~100× faster than one core resizes images).
     """
     from data_pipelines.input_pipeline import create_eval_dataset, resolve_worker_count
     from data_pipelines.source import SubsetSource, load_dataset_manifest, open_source
@@ -131,6 +137,8 @@ def extract_features(
     if source_indices is not None:
         source = SubsetSource(source, source_indices)
     workers = resolve_worker_count(worker_count, accelerator=jax.default_backend() != "cpu")
+    if worker_count == -1 and len(source) < _WORKERS_FROM_IMAGES:
+        workers = 0  # a small subset (the compare and lens tasks): one reader thread is done before workers start
     batches = create_eval_dataset(source, image_size=image_size, batch_size=local_batch, process_index=proc,
                                   process_count=n_proc, worker_count=workers, read_threads=1)
 
