@@ -177,12 +177,11 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                 f"grad_norm={float(host['grad_norm'])}); the update was not applied and nothing was saved after it "
                 f"({where} in {checkpointer.directory})")
         window.add({k: float(v) for k, v in host.items() if not k.endswith("finite")})
-        window.add_wait(*data_wait)
+        window.wait.add(*data_wait)
         summary["final_loss"] = float(host["loss"])
         first = step == start_step + 1  # includes compilation: logged, but not timed
         if not first:
-            waited["seconds"] += data_wait[1]
-            waited.setdefault("since", data_wait[0])
+            run_wait.add(*data_wait)
         if first or step % log_every == 0 or step == total_steps:
             row = window.flush(plan["batch_size"], timed=not first)
             row["epoch"] = step / plan["steps_per_epoch"]
@@ -197,7 +196,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                                  data_wait=f"{100 * row.get('data_wait_fraction', 0):.0f}%")
 
     t_start = time.perf_counter()
-    waited = {"seconds": 0.0}  # time in next(iterator) after the first step, and since when
+    run_wait = _DataWait()  # the whole run's, after the first step
     try:
         for step in range(start_step + 1, total_steps + 1):
             t_wait = time.perf_counter()
@@ -242,8 +241,8 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         checkpointer.close()  # waits for asynchronous saves of good states
         writer.close()
     summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, plan=plan)
-    if "since" in waited:  # the whole run's share of time spent waiting for data (the first step excluded)
-        summary["data_wait_fraction"] = waited["seconds"] / (time.perf_counter() - waited["since"])
+    if run_wait.seconds:
+        summary["data_wait_fraction"] = run_wait.fraction()
     return summary
 
 
@@ -281,16 +280,7 @@ class _Window:
         self.values: dict[str, list[float]] = {}
         self.t0 = time.perf_counter()
         self.timed_steps = 0
-        self.waits: list[float] = []
-        self.first_wait_start: float | None = None
-
-    def add_wait(self, started: float, seconds: float):
-        """A step's batch was asked for at ``started`` (perf_counter) and took ``seconds`` in ``next(iterator)``:
-        the pipeline was not ready (the device sat idle unless it still had queued steps). Steps are read back one
-        late, so a window's waits are measured from its first step's request, not from the last log row."""
-        self.waits.append(seconds)
-        if self.first_wait_start is None:
-            self.first_wait_start = started
+        self.wait = _DataWait()
 
     def add(self, scalars: dict[str, float]):
         for name, value in scalars.items():
@@ -302,11 +292,29 @@ class _Window:
         row = {name: float(np.mean(values)) for name, values in self.values.items()}
         if timed and elapsed > 0:
             row["images_per_s"] = self.timed_steps * batch_size / elapsed
-            if self.waits:
-                row["data_wait_ms"] = 1e3 * float(np.mean(self.waits))
-                row["data_wait_fraction"] = float(np.sum(self.waits)) / (time.perf_counter() - self.first_wait_start)
+            if self.wait.seconds:
+                row["data_wait_ms"] = 1e3 * float(np.mean(self.wait.seconds))
+                row["data_wait_fraction"] = self.wait.fraction()
         self.restart()
         return row
+
+
+class _DataWait:
+    """Time the loop spent in ``next(iterator)`` over some steps: the pipeline was not ready (the device sat idle
+    unless it still had queued steps). Each step's batch was asked for at ``started`` (perf_counter) and took
+    ``seconds``; steps are read back one late, so the share is taken of the wall time since the first step's request."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.since: float | None = None
+
+    def add(self, started: float, seconds: float):
+        self.seconds.append(seconds)
+        if self.since is None:
+            self.since = started
+
+    def fraction(self) -> float:
+        return float(np.sum(self.seconds)) / (time.perf_counter() - self.since)
 
 
 def _batch_images(local: dict) -> dict:
