@@ -50,6 +50,7 @@ def parse_args(argv=None):
                    help="how the two upsampling layers are written (the others are the same in both)")
     p.add_argument("--steps-per-call", type=int, default=None, help="default: 1 on CPU, 20 on an accelerator")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers (name prefixes: enc1 dec3 ...)")
     return p.parse_args(argv)
 
 
@@ -60,8 +61,13 @@ def layer_fn(form: str, up: bool, relu: bool):
     from cellssl_jax.models.convae import _conv_reference as _conv
     from cellssl_jax.models.convae import (conv_from_one_channel_vjp, conv_to_one_channel_vjp, upsample_conv_subpixel,
                                            upsample_nearest_2x)
+    from cellssl_jax.models.fused_blocks import conv_relu_pool_one_channel, relu_conv_to_one_channel
 
     def f(x, kernel, bias):
+        if form == "fused":  # formulation fused_1ch: conv + bias + ReLU + the 2x2 max pool after it, one kernel
+            return conv_relu_pool_one_channel(x, kernel, bias)
+        if form == "fused_in":  # formulation fused_1ch's last layer: the ReLU of its input, then the conv
+            return relu_conv_to_one_channel(x, kernel, bias)
         if form == "matmul":  # the one-channel layers of formulation plain_1ch / subpixel_vjp
             y = (conv_from_one_channel_vjp if x.shape[-1] == 1 else conv_to_one_channel_vjp)(x, kernel, bias)
         elif up and form == "subpixel":
@@ -97,6 +103,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     timed = {}  # layer name -> {form: (label, forward s, train s, forward FLOP, train FLOP)}
     for name, side, ci, co, up, relu in LAYERS:
+        if args.layers and not any(name.startswith(prefix) for prefix in args.layers):
+            continue
         out_side = side * 2 if up else side
         fwd_flop = 2 * 9 * ci * co * out_side**2 * args.batch
         first = name.startswith("enc1")
@@ -104,23 +112,30 @@ def main(argv=None) -> int:
         x = jnp.asarray(rng.random((args.batch, side, side, ci), np.float32), dtype)
         kernel = jnp.asarray(rng.normal(0, 0.05, (3, 3, ci, co)).astype(np.float32), dtype)
         bias = jnp.zeros((co,), dtype)
-        cot = jnp.asarray(rng.normal(size=(args.batch, out_side, out_side, co)).astype(np.float32), dtype)
         one_channel = ci == 1 or co == 1
-        for form in (args.forms if up else [args.forms[0]] + (["matmul"] if one_channel else [])):
+        for form in (args.forms if up else [args.forms[0]] + (["matmul"] if one_channel else [])
+                     + (["fused"] if ci == 1 else []) + (["fused_in"] if co == 1 else [])):
             f, train = layer_fn(form, up, relu)
+            cot_side = out_side // 2 if form == "fused" else out_side  # the fused block ends with its pool
+            cot = jnp.asarray(rng.normal(size=(args.batch, cot_side, cot_side, co)).astype(np.float32), dtype)
             jf = jax.jit(f)
             jt = jax.jit(train, static_argnums=4)
 
             calls = repeated({"forward": (lambda: jf(x, kernel, bias), None),
                               "train": (lambda: jt(x, kernel, bias, cot, not first), None)}, k)
             calls = {what: call for what, (call, _) in calls.items()}
-            for call in calls.values():
-                jax.block_until_ready(call())
+            try:
+                for call in calls.values():
+                    jax.block_until_ready(call())
+            except Exception as err:  # noqa: BLE001 - one form that fails to compile must not sink the profile
+                print(f"  {name} ({form}): FAILED ({type(err).__name__}: {str(err)[:300]})", flush=True)
+                continue
             times = {what: [] for what in calls}
             for _ in range(args.repeats):
                 for what, call in calls.items():
                     times[what].append(timed_once(call, jax.block_until_ready) / k)
-            label = name + (f" ({form})" if up or form == "matmul" else "")
+            label = name + (f" ({form})" if up or form in ("matmul", "fused", "fused_in") else "")
+            label += {"fused": " incl. pool", "fused_in": " incl. its input's ReLU"}.get(form, "")
             fwd_s, train_s = statistics.median(times["forward"]), statistics.median(times["train"])
             timed.setdefault(name, {})[form] = (label, fwd_s, train_s, fwd_flop, train_flop)
             print(f"  {label}: forward {1e3 * fwd_s:.3f} ms, train {1e3 * train_s:.3f} ms", flush=True)

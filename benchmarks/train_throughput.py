@@ -86,6 +86,9 @@ def parse_args(argv=None):
                         "and the sync out of an accelerator's timing (default: 1 on CPU, 10 on an accelerator)")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--no-hugepages", action="store_true")
+    p.add_argument("--fused-tuning", default="", help="JSON of cellssl_jax.models.fused_blocks.TUNING overrides for "
+                                                      "formulation fused_1ch (benchmarks/fused_blocks_tune.py "
+                                                      "--write-best)")
     p.add_argument("--finish", choices=["auto", "host", "device"], default="auto",
                    help="feed the project step float crops (host) or uint8 crops it finishes itself (device); auto: "
                         "as the training loop, device on an accelerator")
@@ -380,6 +383,13 @@ def main(argv=None) -> int:
 
     import jax
 
+    if args.fused_tuning:
+        import json
+
+        from cellssl_jax.models import fused_blocks
+
+        fused_blocks.TUNING.update(json.loads(Path(args.fused_tuning).read_text()))
+        print(f"fused_blocks.TUNING: {fused_blocks.TUNING}", flush=True)
     backend = jax.default_backend()
     machine = platform.machine_description()
     torch_device = "cpu"

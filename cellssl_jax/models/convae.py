@@ -21,11 +21,16 @@ Formulations of the same function (``formulation``), all with the same parameter
 - ``"subpixel_vjp"``: the sub-pixel math with hand-written backward passes (``jax.custom_vjp``) shaped for XLA:CPU; see
   "Backward passes for XLA:CPU" below for what each one avoids.
 - ``"plain_1ch"``: ``"plain"`` with the one-channel first and last layers as matrix products over shifted copies (their
-  custom VJPs below). Meant for GPUs: on an H200 in bf16 at batch 256 the first layer (1→128 at 128²) alone took 2.9 ms
-  of a ~15 ms step, ~7 TFLOP/s (benchmarks/layer_profile.py, BENCHMARKS.md), where reading and writing its tensors once
-  would take ~0.5 ms. Not yet timed on a GPU as a whole step.
-- ``"auto"``: ``"subpixel_vjp"`` on CPU, ``"plain"`` elsewhere (decided when the function is traced; on an H200 in bf16
-  the plain form's step was 5% faster than the sub-pixel form's and 22% faster than ``subpixel_vjp``'s).
+  custom VJPs below). On an H100 in bf16 at batch 256: 16,100 images/s against plain's 15,000 (BENCHMARKS.md).
+- ``"fused_1ch"``: ``"plain"`` with the two one-channel blocks fused (``fused_blocks.py``: Pallas/Triton kernels on one
+  GPU, the same patch products in jnp elsewhere): the first block's conv 1→C + bias + ReLU + 2×2 max pool, whose
+  forward pass never writes the full-resolution activation; and the last layer's input ReLU + conv C→1, whose
+  forward pass replaces a cuDNN convolution with one output channel (4.1 ms at batch 256 on an H100) and whose
+  backward pass reads the 128-channel activation once and writes its masked gradient once. On an H100 in bf16 at
+  batch 256: 21,600 images/s, 2.94× PyTorch eager (channels_last), 27% MFU (BENCHMARKS.md).
+- ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU; on a GPU ``"fused_1ch"`` when the process
+  sees one device, ``"plain_1ch"`` with several (the Triton calls have no sharding rule, so with several devices the
+  fused blocks run as their jnp form, which has not been timed on a GPU); ``"plain"`` elsewhere (TPU: not measured).
 
 ``micro_batch``: ``encode`` and ``decode_logits`` run over the batch in slices of this many images (``lax.map``), so
 every intermediate of one slice stays in the CPU caches (one 128×128×128 float32 activation is 8 MB per image; the
@@ -47,8 +52,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cellssl_jax.models.fused_blocks import conv_relu_pool_one_channel, relu_conv_to_one_channel
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
-FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "auto")
+FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "fused_1ch", "auto")
 
 # Rows of the 2-tap kernels that a 3-tap kernel collapses to after a nearest ×2 upsample, per output phase.
 # Output row 2i+0 reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i  → taps (K0, K1+K2) over rows (i-1, i).
@@ -361,10 +368,13 @@ class ConvAE(nn.Module):
         return ((self.latent_channels, d[0]), (d[0], d[1]), (d[1], d[2]), (d[2], self.in_channels))
 
     def resolved_formulation(self) -> str:
-        """The formulation actually run: ``auto`` becomes ``subpixel_vjp`` on CPU and ``plain`` elsewhere."""
+        """The formulation actually run (``auto`` resolved for this backend; see the module docstring)."""
         if self.formulation != "auto":
             return self.formulation
-        return "subpixel_vjp" if jax.default_backend() == "cpu" else "plain"
+        backend = jax.default_backend()
+        if backend == "gpu":
+            return "fused_1ch" if jax.device_count() == 1 else "plain_1ch"
+        return "subpixel_vjp" if backend == "cpu" else "plain"
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""
@@ -393,9 +403,13 @@ class ConvAE(nn.Module):
         x = x.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda xs: _encode_layers_vjp(xs, layers), x, self.resolved_micro_batch())
-        conv = _conv_reference if formulation in ("plain", "plain_1ch") else _conv
-        first = conv_from_one_channel_vjp if formulation == "plain_1ch" and x.shape[-1] == 1 else conv
-        b1 = max_pool_2x2(nn.relu(first(x, *layers[0])))
+        conv = _conv_reference if formulation in ("plain", "plain_1ch", "fused_1ch") else _conv
+        one_channel = x.shape[-1] == 1
+        if formulation == "fused_1ch" and one_channel and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+            b1 = conv_relu_pool_one_channel(x, *layers[0])
+        else:
+            first = conv_from_one_channel_vjp if formulation in ("plain_1ch", "fused_1ch") and one_channel else conv
+            b1 = max_pool_2x2(nn.relu(first(x, *layers[0])))
         b2 = max_pool_2x2(nn.relu(conv(b1, *layers[1])))
         b3 = nn.relu(conv(b2, *layers[2]))
         return {"block1": b1, "block2": b2, "block3": b3, "latent": conv(b3, *layers[3])}
@@ -406,13 +420,15 @@ class ConvAE(nn.Module):
         z = z.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda zs: _decode_logits_vjp(zs, layers), z, self.resolved_micro_batch())
-        if formulation in ("plain", "plain_1ch"):
+        if formulation in ("plain", "plain_1ch", "fused_1ch"):
             x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
             x = upsample_nearest_2x(nn.relu(_conv_reference(x, *layers[1])))
-            x = nn.relu(_conv_reference(x, *layers[2]))
-            one_channel = formulation == "plain_1ch" and layers[3][0].shape[-1] == 1
-            last = conv_to_one_channel_vjp if one_channel else _conv_reference
-            return last(x, *layers[3]).astype(jnp.float32)
+            pre = _conv_reference(x, *layers[2])
+            one_channel = layers[3][0].shape[-1] == 1
+            if formulation == "fused_1ch" and one_channel:
+                return relu_conv_to_one_channel(pre, *layers[3]).astype(jnp.float32)
+            last = conv_to_one_channel_vjp if formulation == "plain_1ch" and one_channel else _conv_reference
+            return last(nn.relu(pre), *layers[3]).astype(jnp.float32)
         x = nn.relu(_conv(z, *layers[0]))
         x = nn.relu(upsample_conv_subpixel(x, *layers[1]))
         x = nn.relu(upsample_conv_subpixel(x, *layers[2]))

@@ -1,0 +1,417 @@
+"""The ConvAE's two one-channel blocks at full resolution, each fused into Pallas kernels.
+
+- ``conv_relu_pool_one_channel``: the first block, conv 3×3 (one input channel → C) + bias + ReLU + 2×2 max pool;
+- ``relu_conv_to_one_channel``: the last, ReLU of the previous layer's output + conv 3×3 (C → one channel) + bias.
+
+First block
+-----------
+Why: on an H200 in bf16 at batch 256 the first layer alone took 2.9 ms of a ~15 ms training step at under 1% of the
+matmul peak (BENCHMARKS.md, layer profile). Written as separate ops it writes and re-reads a [N, 128, 128, C]
+activation (1 GB at batch 256 in bf16) four times: conv out, pool in, pool gradient out, weight gradient in. The
+fused forward kernel reads a 16-column patch matrix (33 MB) and writes only the pooled block (256 MB): 0.36 ms on an
+H100 against 1.48 ms for cuDNN's convolution alone. Its backward kernel recomputes the four pre-activations of each
+pooled pixel instead of storing them, but its forward + backward ran at 3.9-43 ms there (six tilings) against 1.4 ms
+for formulation plain_1ch's products (pool aside), so by default the backward pass is XLA's autodiff of the same
+patch products (``TUNING["first_backward"]``), timed only inside the whole training step.
+
+The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
+outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
+s = (si, sj) of the 2×2 pooling window is that row times W_s [16, C], the 3×3 kernel placed at offset (si, sj) of a 4×4
+grid. So ``block = max_s relu(patches @ W_s + b) = relu(max_s(patches @ W_s) + b)``. The gradient follows JAX's rules
+for the unfused ops exactly: a max shares the cotangent equally among tied sub-positions, and ReLU passes nothing at
+or below zero.
+
+Last block
+----------
+Its input is the 128-channel activation at full resolution (1 GB at batch 256 in bf16). Unfused, the backward pass
+writes the input gradient, reads it back with the activation to apply the ReLU's mask, writes the masked gradient,
+and reads the activation once more for the weight gradient. Fused, one pass reads the pre-activation and writes the
+masked gradient, with the weight gradient accumulated on the way. The math: with ``taps`` [M, 16] the 9 shifted
+copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in column 3i+j, zero-padded to 16), the input
+gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
+nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (a 1/8 of the activation's bytes).
+
+Both blocks
+-----------
+Two implementations of the same function: ``pallas`` (GPU, Triton; ``interpret=True`` runs it anywhere, which is how
+the tests check the kernel on CPU) and ``xla`` (the same patch products written with jnp ops and differentiated by
+autodiff: the reference the kernel is tested against, and what runs on CPU/TPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+IMPLS = ("auto", "pallas", "xla", "pallas_interpret")
+
+# Tile sizes and warps of the Triton kernels (rows = pooled pixels for the first block, pixels for the last). A
+# backward program handles ``*_bwd_rows`` rows in steps of ``*_bwd_chunk`` and writes one partial weight gradient:
+# more rows per program, fewer partials to sum; the chunk bounds the float32 tiles live at once. Read when a function
+# is traced; benchmarks/fused_blocks_tune.py times alternatives on a GPU.
+TUNING = {
+    "first_fwd_rows": 64, "first_fwd_warps": 4, "first_bwd_rows": 64, "first_bwd_chunk": 64, "first_bwd_warps": 4,
+    "first_stages": 2,
+    "last_fwd_rows": 64, "last_fwd_warps": 4, "last_bwd_rows": 2048, "last_bwd_chunk": 32, "last_bwd_warps": 4,
+    "last_stages": 2,
+    # The first block's backward pass: "pallas" (the kernel below; its fastest tiling above, 64 rows per program) or
+    # "xla" (autodiff of the patch products, which recomputes the pre-activations). On an H100 in bf16 at batch 256
+    # forward + backward kernel took 3.9-43 ms over six tilings against 1.4 ms for plain_1ch's products
+    # (benchmarks/fused_blocks_tune.py, BENCHMARKS.md): "xla" by default. The last block's tiling is the one its
+    # whole-step figure (21,600 images/s) ran with; it was not tuned alone.
+    "first_backward": "xla",
+}
+_UNROLL = 8  # at most this many chunks per program are unrolled; more run in a loop
+
+
+def _over_chunks(n: int, body, init):
+    """body(i, carry) for i < n: unrolled when short (static slices), else a loop."""
+    if n <= _UNROLL:
+        carry = init
+        for i in range(n):
+            carry = body(i, carry)
+        return carry
+    return lax.fori_loop(0, n, body, init)
+
+
+def _chunk_rows(i, chunk: int):
+    return pl.ds(i * chunk if isinstance(i, int) else pl.multiple_of(i * chunk, chunk), chunk)
+
+
+def patches_4x4(x: jax.Array) -> jax.Array:
+    """[N, H, W, 1] → [N·H/2·W/2, 16]: the 4×4 input patch of every pooled pixel, row-major (4a + b)."""
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x[..., 0], ((0, 0), (1, 1), (1, 1)))
+    cols = [xp[:, a:a + h:2, b:b + w:2] for a in range(4) for b in range(4)]
+    return jnp.stack(cols, axis=-1).reshape(n * (h // 2) * (w // 2), 16)
+
+
+def phase_weights(kernel: jax.Array) -> jax.Array:
+    """HWIO [3, 3, 1, C] → [4, 16, C]: for each pooling sub-position (2·si + sj) the 3×3 kernel placed at (si, sj)."""
+    k = kernel[:, :, 0, :]
+    phases = [jnp.pad(k, ((si, 1 - si), (sj, 1 - sj), (0, 0))).reshape(16, -1) for si in range(2) for sj in range(2)]
+    return jnp.stack(phases)
+
+
+def _xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    n, h, w, _ = x.shape
+    z = jnp.einsum("mk,skc->msc", patches_4x4(x), phase_weights(kernel),
+                   preferred_element_type=jnp.float32).astype(x.dtype) + bias
+    return jnp.max(jax.nn.relu(z), axis=1).reshape(n, h // 2, w // 2, -1)
+
+
+def conv_relu_pool_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Array:
+    """max_pool_2x2(relu(conv3x3_same(x, kernel) + bias)) for a one-channel NHWC ``x`` with even H and W."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    n, h, w, ci = x.shape
+    if ci != 1 or h % 2 or w % 2:
+        raise ValueError(f"the fused first block needs a one-channel input with even sides, got shape {x.shape}")
+    if impl == "auto":
+        impl = "pallas" if pallas_supported(x, kernel) else "xla"
+    if impl == "xla":
+        return _xla(x, kernel, bias)
+    return _fused(x, kernel, bias, impl == "pallas_interpret")
+
+
+def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether ``auto`` runs the Triton kernels: on a process with one GPU (a pallas_call has no sharding rule, so
+    under a multi-device mesh XLA would gather the whole batch onto every device to run it), for a power-of-two width
+    (Triton tiles are powers of two)."""
+    c = kernel.shape[-1]
+    return (jax.default_backend() == "gpu" and jax.device_count() == 1 and c >= 16 and c & (c - 1) == 0
+            and x.dtype in (jnp.bfloat16, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Pallas kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, dtype):
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None  # float32 models: no TF32 rounding
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _forward_kernel(q_ref, w_ref, b_ref, out_ref):
+    q = q_ref[...]
+    best = None
+    for s in range(4):
+        z = _dot(q, w_ref[s, :, :], q.dtype)
+        best = z if best is None else jnp.maximum(best, z)
+    out_ref[...] = jnp.maximum(best + b_ref[...].astype(jnp.float32), 0.0).astype(out_ref.dtype)
+
+
+def _backward_kernel(q_ref, qt_ref, w_ref, wt_ref, b_ref, g_ref, dq_ref, dw_ref, db_ref, *, chunk_size):
+    """One program: a tile of pooled pixels in chunks; accumulates its partial weight and bias gradients."""
+    dtype = q_ref.dtype
+    c = w_ref.shape[-1]
+    b = b_ref[...].astype(jnp.float32)
+
+    def chunk(i, acc):
+        dws, db = acc
+        rows = _chunk_rows(i, chunk_size)
+        q = q_ref[rows, :]
+        # pass 1: the pooled pre-activation and how many sub-positions reach it (ties share the gradient)
+        best = _dot(q, w_ref[0, :, :], dtype)
+        ties = jnp.ones_like(best)
+        for s in range(1, 4):
+            z = _dot(q, w_ref[s, :, :], dtype)
+            ties = jnp.where(z > best, 1.0, jnp.where(z == best, ties + 1.0, ties))
+            best = jnp.maximum(best, z)
+        g = g_ref[rows, :].astype(jnp.float32)
+        share = jnp.where(best + b > 0, g / ties, 0.0)  # ReLU passes nothing at or below zero
+        # pass 2: each sub-position's gradient, into the weight, bias and patch gradients
+        qt = qt_ref[:, rows]
+        dq = jnp.zeros((chunk_size, 16), jnp.float32)
+        new_dws = []
+        for s in range(4):
+            z = _dot(q, w_ref[s, :, :], dtype)
+            dz = jnp.where(z == best, share, 0.0)
+            db = db + jnp.sum(dz, axis=0, keepdims=True)
+            dz = dz.astype(dtype)
+            new_dws.append(dws[s] + _dot(qt, dz, dtype))
+            dq = dq + _dot(dz, wt_ref[s, :, :], dtype)
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        return tuple(new_dws), db
+
+    zeros = tuple(jnp.zeros((16, c), jnp.float32) for _ in range(4))
+    dws, db = _over_chunks(q_ref.shape[0] // chunk_size, chunk, (zeros, jnp.zeros((1, c), jnp.float32)))
+    for s in range(4):
+        dw_ref[0, s, :, :] = dws[s]
+    db_ref[...] = db
+
+
+
+def _compiler_params(block: str, direction: str):
+    try:
+        from jax.experimental.pallas import triton as plgpu
+
+        return plgpu.CompilerParams(num_warps=TUNING[f"{block}_{direction}_warps"], num_stages=TUNING[f"{block}_stages"])
+    except (ImportError, AttributeError, TypeError):  # the Triton params moved between JAX versions: use defaults
+        return None
+
+
+def _backward_tiles(m: int, chunk: int, rows: int) -> tuple[int, int]:
+    """(chunk, rows per program): powers of two, no more rows per program than there are rows."""
+    rows = min(rows, max(chunk, 1 << (m - 1).bit_length()))
+    return min(chunk, rows), rows
+
+
+def _padded_rows(a: jax.Array, multiple: int) -> jax.Array:
+    extra = -a.shape[0] % multiple
+    return a if extra == 0 else jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1))
+
+
+def _forward_call(q, w, b, interpret):
+    m, c = q.shape[0], w.shape[-1]
+    tile = TUNING["first_fwd_rows"]
+    q = _padded_rows(q, tile)
+    out = pl.pallas_call(
+        _forward_kernel,
+        out_shape=jax.ShapeDtypeStruct((q.shape[0], c), q.dtype),
+        grid=(q.shape[0] // tile,),
+        in_specs=[pl.BlockSpec((tile, 16), lambda i: (i, 0)),
+                  pl.BlockSpec((4, 16, c), lambda i: (0, 0, 0)),
+                  pl.BlockSpec((1, c), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((tile, c), lambda i: (i, 0)),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("first", "fwd"),
+        name="first_block_forward",
+    )(q, w, b.reshape(1, c))
+    return out[:m]
+
+
+def _backward_call(q, w, b, g, interpret):
+    m, c = q.shape[0], w.shape[-1]
+    chunk_size, rows = _backward_tiles(m, TUNING["first_bwd_chunk"], TUNING["first_bwd_rows"])
+    q, g = _padded_rows(q, rows), _padded_rows(g, rows)  # padded rows carry a zero gradient
+    programs = q.shape[0] // rows
+    dq, dw, db = pl.pallas_call(
+        functools.partial(_backward_kernel, chunk_size=chunk_size),
+        out_shape=(jax.ShapeDtypeStruct((q.shape[0], 16), jnp.float32),
+                   jax.ShapeDtypeStruct((programs, 4, 16, c), jnp.float32),
+                   jax.ShapeDtypeStruct((programs, c), jnp.float32)),
+        grid=(programs,),
+        in_specs=[pl.BlockSpec((rows, 16), lambda i: (i, 0)),
+                  pl.BlockSpec((16, rows), lambda i: (0, i)),
+                  pl.BlockSpec((4, 16, c), lambda i: (0, 0, 0)),
+                  pl.BlockSpec((4, c, 16), lambda i: (0, 0, 0)),
+                  pl.BlockSpec((1, c), lambda i: (0, 0)),
+                  pl.BlockSpec((rows, c), lambda i: (i, 0))],
+        out_specs=(pl.BlockSpec((rows, 16), lambda i: (i, 0)),
+                   pl.BlockSpec((1, 4, 16, c), lambda i: (i, 0, 0, 0)),
+                   pl.BlockSpec((1, c), lambda i: (i, 0))),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("first", "bwd"),
+        name="first_block_backward",
+    )(q, q.T, w, w.transpose(0, 2, 1), b.reshape(1, c), g)
+    return dq[:m], dw.sum(axis=0), db.sum(axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(x, kernel, bias, interpret):
+    return _fused_fwd(x, kernel, bias, interpret)[0]
+
+
+def _fused_fwd(x, kernel, bias, interpret):
+    n, h, w, _ = x.shape
+    q = patches_4x4(x)
+    wp = phase_weights(kernel)
+    out = _forward_call(q, wp, bias, interpret).reshape(n, h // 2, w // 2, -1)
+    return out, (x, kernel, bias)
+
+
+def _fused_bwd(interpret, res, g):
+    x, kernel, bias = res
+    if TUNING["first_backward"] == "xla":
+        _, vjp = jax.vjp(_xla, x, kernel, bias)
+        return vjp(g)
+    q, from_patches = jax.vjp(patches_4x4, x)
+    wp, to_kernel = jax.vjp(phase_weights, kernel.astype(jnp.float32))
+    dq, dw, db = _backward_call(q, wp.astype(x.dtype), bias, g.reshape(-1, g.shape[-1]), interpret)
+    (dx,) = from_patches(dq.astype(x.dtype))
+    (dk,) = to_kernel(dw)
+    return dx, dk.astype(kernel.dtype), db.astype(bias.dtype)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The last block: relu(pre) → conv 3×3 to one channel
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _tap_shifts(img: jax.Array, adjoint: bool) -> jax.Array:
+    """[N, H, W] → [N·H·W, 16]: column 3i+j holds img[p+i−1, q+j−1] (forward) or img[p+1−i, q+1−j] (adjoint)."""
+    n, h, w = img.shape
+    p = jnp.pad(img, ((0, 0), (1, 1), (1, 1)))
+    if adjoint:
+        cols = [p[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
+    else:
+        cols = [p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    cols += [jnp.zeros_like(img)] * 7
+    return jnp.stack(cols, axis=-1).reshape(n * h * w, 16)
+
+
+def _tap_kernel(kernel: jax.Array) -> jax.Array:
+    """HWIO [3, 3, C, 1] → [16, C]: row 3i+j is tap (i, j); rows 9..15 zero (Triton tiles are powers of two)."""
+    k9 = kernel[..., 0].reshape(9, -1)
+    return jnp.concatenate([k9, jnp.zeros((7, k9.shape[1]), k9.dtype)])
+
+
+def _sum_taps(partials: jax.Array, n: int, h: int, w: int) -> jax.Array:
+    """[N·H·W, 16] per-tap partial sums at each input pixel → the [N, H, W] conv output: Σ_t partial_t[p+i−1, q+j−1]."""
+    t = jnp.pad(partials.reshape(n, h, w, 16), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(t[:, i:i + h, j:j + w, 3 * i + j] for i in range(3) for j in range(3))
+
+
+def _last_xla(pre: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    n, h, w, c = pre.shape
+    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, c), _tap_kernel(kernel).T, preferred_element_type=jnp.float32)
+    return (_sum_taps(partials, n, h, w)[..., None].astype(pre.dtype) + bias)
+
+
+def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Array:
+    """conv3x3_same(relu(pre), kernel) + bias for an HWIO kernel with one output channel; NHWC, output [N, H, W, 1]."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if kernel.shape[-1] != 1 or kernel.shape[2] != pre.shape[-1]:
+        raise ValueError(f"the fused last block needs a kernel [3, 3, {pre.shape[-1]}, 1], got {kernel.shape}")
+    if impl == "auto":
+        impl = "pallas" if pallas_supported(pre, kernel.swapaxes(2, 3)) else "xla"
+    if impl == "xla":
+        return _last_xla(pre, kernel, bias)
+    return _last_fused(pre, kernel, bias, impl == "pallas_interpret")
+
+
+def _last_forward_kernel(pre_ref, kt_ref, out_ref):
+    a = jnp.maximum(pre_ref[...], 0)
+    out_ref[...] = _dot(a, kt_ref[...], a.dtype)
+
+
+def _last_backward_kernel(taps_ref, taps_t_ref, pre_ref, k_ref, dpre_ref, dk_ref, *, chunk_size):
+    dtype = pre_ref.dtype
+    c = pre_ref.shape[-1]
+
+    def chunk(i, dk):
+        rows = _chunk_rows(i, chunk_size)
+        pre = pre_ref[rows, :]
+        da = _dot(taps_ref[rows, :], k_ref[...], dtype)
+        dpre_ref[rows, :] = jnp.where(pre > 0, da, 0.0).astype(dpre_ref.dtype)
+        return dk + _dot(taps_t_ref[:, rows], jnp.maximum(pre, 0), dtype)
+
+    dk = _over_chunks(pre_ref.shape[0] // chunk_size, chunk, jnp.zeros((16, c), jnp.float32))
+    dk_ref[0, :, :] = dk
+
+
+def _last_forward_call(pre2d, kt, interpret):
+    m, c = pre2d.shape
+    tile = TUNING["last_fwd_rows"]
+    pre2d = _padded_rows(pre2d, tile)
+    out = pl.pallas_call(
+        _last_forward_kernel,
+        out_shape=jax.ShapeDtypeStruct((pre2d.shape[0], 16), jnp.float32),
+        grid=(pre2d.shape[0] // tile,),
+        in_specs=[pl.BlockSpec((tile, c), lambda i: (i, 0)),
+                  pl.BlockSpec((c, 16), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((tile, 16), lambda i: (i, 0)),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("last", "fwd"),
+        name="last_block_forward",
+    )(pre2d, kt)
+    return out[:m]
+
+
+def _last_backward_call(taps, pre2d, k16, interpret):
+    m, c = pre2d.shape
+    chunk_size, rows = _backward_tiles(m, TUNING["last_bwd_chunk"], TUNING["last_bwd_rows"])
+    taps, pre2d = _padded_rows(taps, rows), _padded_rows(pre2d, rows)  # padded rows: zero taps, zero gradient
+    programs = pre2d.shape[0] // rows
+    dpre, dk = pl.pallas_call(
+        functools.partial(_last_backward_kernel, chunk_size=chunk_size),
+        out_shape=(jax.ShapeDtypeStruct(pre2d.shape, pre2d.dtype),
+                   jax.ShapeDtypeStruct((programs, 16, c), jnp.float32)),
+        grid=(programs,),
+        in_specs=[pl.BlockSpec((rows, 16), lambda i: (i, 0)),
+                  pl.BlockSpec((16, rows), lambda i: (0, i)),
+                  pl.BlockSpec((rows, c), lambda i: (i, 0)),
+                  pl.BlockSpec((16, c), lambda i: (0, 0))],
+        out_specs=(pl.BlockSpec((rows, c), lambda i: (i, 0)),
+                   pl.BlockSpec((1, 16, c), lambda i: (i, 0, 0))),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("last", "bwd"),
+        name="last_block_backward",
+    )(taps, taps.T, pre2d, k16)
+    return dpre[:m], dk.sum(axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _last_fused(pre, kernel, bias, interpret):
+    return _last_fused_fwd(pre, kernel, bias, interpret)[0]
+
+
+def _last_fused_fwd(pre, kernel, bias, interpret):
+    n, h, w, c = pre.shape
+    partials = _last_forward_call(pre.reshape(-1, c), _tap_kernel(kernel).T, interpret)
+    y = _sum_taps(partials, n, h, w)[..., None].astype(pre.dtype) + bias
+    return y, (pre, kernel)
+
+
+def _last_fused_bwd(interpret, res, dy):
+    pre, kernel = res
+    n, h, w, c = pre.shape
+    taps = _tap_shifts(dy[..., 0], adjoint=True)
+    k16, to_kernel = jax.vjp(_tap_kernel, kernel.astype(jnp.float32))
+    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, c), k16.astype(pre.dtype), interpret)
+    (dk,) = to_kernel(dk16)
+    db = jnp.sum(dy, dtype=jnp.float32)[None]
+    return dpre.reshape(pre.shape), dk.astype(kernel.dtype), db.astype(kernel.dtype)
+
+
+_last_fused.defvjp(_last_fused_fwd, _last_fused_bwd)

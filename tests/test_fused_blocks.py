@@ -1,0 +1,149 @@
+"""The fused one-channel blocks (cellssl_jax/models/fused_blocks.py) compute the unfused ops and their gradients:
+the first, max_pool(relu(conv(x) + b)); the last, conv(relu(pre)) + b to one channel.
+
+The Pallas kernel runs here through Pallas's interpreter (``pallas_interpret``), the same kernel code that Triton
+compiles on a GPU; on a GPU the compiled kernel is checked as well.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cellssl_jax.models import fused_blocks
+from cellssl_jax.models.convae import _conv_reference, max_pool_2x2
+
+
+def _unfused(x, kernel, bias):
+    return max_pool_2x2(jax.nn.relu(_conv_reference(x, kernel, bias)))
+
+
+def _unfused_last(pre, kernel, bias):
+    return _conv_reference(jax.nn.relu(pre), kernel, bias)
+
+
+def _last_inputs(seed, n, h, w, c, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    pre = jnp.asarray(rng.normal(size=(n, h, w, c)), dtype)  # about half below zero: the ReLU's mask matters
+    kernel = jnp.asarray(rng.normal(0, 0.3, (3, 3, c, 1)), dtype)
+    bias = jnp.asarray(rng.normal(0, 0.1, (1,)), dtype)
+    cot = jnp.asarray(rng.normal(size=(n, h, w, 1)), dtype)
+    return pre, kernel, bias, cot
+
+
+def _value_and_grads(fn, x, kernel, bias, cot):
+    y, vjp = jax.vjp(fn, x, kernel, bias)
+    return (y, *vjp(cot))
+
+
+def _inputs(seed, n, h, w, c, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.random((n, h, w, 1)), dtype)
+    kernel = jnp.asarray(rng.normal(0, 0.3, (3, 3, 1, c)), dtype)
+    bias = jnp.asarray(rng.normal(0, 0.1, (c,)), dtype)
+    cot = jnp.asarray(rng.normal(size=(n, h // 2, w // 2, c)), dtype)
+    return x, kernel, bias, cot
+
+
+def _assert_close(got, want, rtol, norm=np.inf):
+    """Relative error ‖a − b‖ / ‖b‖ per output (max norm by default; bf16 checks use the 2-norm: where two
+    sub-positions of a pooling window are within bf16 rounding of each other, the max's gradient may go to the other
+    one, which moves a few elements of the input gradient wholesale)."""
+    for name, a, b in zip(("output", "d input", "d kernel", "d bias"), got, want):
+        a, b = np.asarray(a, np.float32).ravel(), np.asarray(b, np.float32).ravel()
+        assert a.shape == b.shape, name
+        assert np.isfinite(a).all(), name
+        err = np.linalg.norm(a - b, norm) / (np.linalg.norm(b, norm) + 1e-12)
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24)])  # the second: rows not a multiple of the tiles
+def test_fused_block_equals_conv_relu_pool_with_gradients(impl, shape):
+    x, kernel, bias, cot = _inputs(0, *shape)
+    want = _value_and_grads(_unfused, x, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl=impl), x, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+
+
+@pytest.mark.parametrize("impl,backward", [("xla", "xla"), ("pallas_interpret", "xla"), ("pallas_interpret", "pallas")])
+def test_ties_in_the_pool_share_the_gradient_as_jax_does(impl, backward, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
+    # A flat image: all four sub-positions of most pooling windows have the same pre-activation, so the max's
+    # gradient is shared; a negative bias on half the channels puts them at ReLU's zero, where nothing passes.
+    x, kernel, bias, cot = _inputs(1, 2, 8, 8, 16)
+    x = jnp.full_like(x, 0.5).at[:, :2].set(0.9)
+    bias = bias.at[8:].set(-10.0)
+    want = _value_and_grads(_unfused, x, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl=impl), x, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+    assert float(jnp.abs(got[2]).max()) > 0  # something did flow
+
+
+def _relative_errors(got, want):
+    return [np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+            / (np.linalg.norm(np.asarray(b, np.float32)) + 1e-12) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("backward", ["pallas", "xla"])
+def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward, monkeypatch):
+    # In bf16 two sub-positions of a pooling window can round to the same value or swap order, which moves the max's
+    # gradient to another pixel: the unfused ops have that too. The fused block must be no further from float32.
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
+    x, kernel, bias, cot = _inputs(2, 2, 16, 16, 32)
+    bf = [a.astype(jnp.bfloat16) for a in (x, kernel, bias, cot)]
+    want = _value_and_grads(_unfused, *[a.astype(jnp.float32) for a in bf])  # float32 on the same (rounded) inputs
+    unfused_err = _relative_errors(_value_and_grads(_unfused, *bf), want)
+    got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"), *bf)
+    for name, err, base in zip(("output", "d input", "d kernel", "d bias"), _relative_errors(got, want), unfused_err):
+        assert np.isfinite(err) and err <= max(2e-2, 1.5 * base), f"{name}: {err:.2e} (unfused bf16: {base:.2e})"
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_the_kernel_backward_equals_the_patch_products_backward(impl, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "pallas")
+    x, kernel, bias, cot = _inputs(6, 2, 12, 16, 16)
+    want = _value_and_grads(_unfused, x, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl=impl), x, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24)])
+def test_fused_last_block_equals_relu_then_conv_with_gradients(impl, shape):
+    pre, kernel, bias, cot = _last_inputs(4, *shape)
+    want = _value_and_grads(_unfused_last, pre, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.relu_conv_to_one_channel(*a, impl=impl), pre, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+
+
+def test_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="one-channel input with even sides"):
+        fused_blocks.conv_relu_pool_one_channel(jnp.zeros((1, 7, 8, 1)), jnp.zeros((3, 3, 1, 8)), jnp.zeros(8))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_blocks.conv_relu_pool_one_channel(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 8)), jnp.zeros(8), "cuda")
+    with pytest.raises(ValueError, match=r"needs a kernel \[3, 3, 8, 1\]"):
+        fused_blocks.relu_conv_to_one_channel(jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 2)), jnp.zeros(2))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol):
+    x, kernel, bias, cot = _inputs(3, 8, 128, 128, 128)
+    args = [a.astype(dtype) for a in (x, kernel, bias, cot)]
+    with jax.default_matmul_precision("highest"):  # a float32 reference without TF32
+        want = jax.jit(lambda *a: _value_and_grads(_unfused, *a))(*[a.astype(jnp.float32) for a in args])
+    got = jax.jit(lambda *a: _value_and_grads(
+        lambda *b: fused_blocks.conv_relu_pool_one_channel(*b, impl="pallas"), *a))(*args)
+    _assert_close(got, want, rtol, norm=2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_gpu_last_block_kernel_matches_the_unfused_ops(dtype, rtol):
+    args = [a.astype(dtype) for a in _last_inputs(5, 8, 128, 128, 128)]
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda *a: _value_and_grads(_unfused_last, *a))(*[a.astype(jnp.float32) for a in args])
+    got = jax.jit(lambda *a: _value_and_grads(
+        lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas"), *a))(*args)
+    _assert_close(got, want, rtol, norm=2)
