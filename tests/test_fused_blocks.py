@@ -5,6 +5,11 @@ The Pallas kernel runs here through Pallas's interpreter (``pallas_interpret``),
 compiles on a GPU; on a GPU the compiled kernel is checked as well.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +120,48 @@ def test_fused_last_block_equals_relu_then_conv_with_gradients(impl, shape):
     want = _value_and_grads(_unfused_last, pre, kernel, bias, cot)
     got = _value_and_grads(lambda *a: fused_blocks.relu_conv_to_one_channel(*a, impl=impl), pre, kernel, bias, cot)
     _assert_close(got, want, 1e-6)
+
+
+_SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cellssl_jax.models import fused_blocks as fb
+from cellssl_jax.parallel import make_data_mesh
+assert jax.device_count() == 4
+mesh = make_data_mesh()
+rng = np.random.default_rng(0)
+arrays = [rng.random((8, 16, 16, 1)), rng.normal(0, .3, (3, 3, 1, 32)), rng.normal(0, .1, (32,)),
+          rng.normal(size=(8, 16, 16, 32)), rng.normal(0, .3, (3, 3, 32, 1)), rng.normal(0, .1, (1,))]
+args = [jnp.asarray(a, jnp.float32) for a in arrays]
+def loss(x, k, b, pre, k2, b2):
+    y1 = fb.conv_relu_pool_one_channel(x, k, b, "pallas_interpret")
+    y2 = fb.relu_conv_to_one_channel(pre, k2, b2, "pallas_interpret")
+    return jnp.sum(y1 ** 2) + jnp.sum(jnp.sin(y2))
+grad = jax.grad(loss, argnums=tuple(range(6)))
+want = grad(*args)
+def sharded(*a):
+    with fb.batch_sharded(mesh):
+        return grad(*a)
+batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep)).lower(*args)
+assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+got = lowered.compile()(*args)
+for g, w in zip(got, want):
+    err = float(jnp.abs(g - w).max() / (jnp.abs(w).max() + 1e-12))
+    assert err < 1e-5, err
+print("ok")
+"""
+
+
+def test_kernels_run_per_device_under_a_batch_mesh_with_the_same_gradients():
+    # 4 forced CPU devices (the flag must be set before JAX starts): the kernels under batch_sharded run on each
+    # device's share of the batch, and the replicated parameters' gradients come back summed over devices.
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
 def test_rejects_what_it_cannot_fuse():

@@ -248,10 +248,8 @@ def test_subpixel_vjp_bfloat16_keeps_float32_parameters_gradients_and_output():
     assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
-@pytest.mark.parametrize("backend,devices,expected", [("cpu", 1, "subpixel_vjp"), ("gpu", 1, "fused_1ch"),
-                                                      ("gpu", 8, "plain_1ch"), ("tpu", 4, "plain")])
-def test_auto_formulation_per_backend(backend, devices, expected, monkeypatch):
-    # What each backend runs (BENCHMARKS.md): the fused Triton blocks only where one GPU holds the whole batch.
+@pytest.mark.parametrize("backend,expected", [("cpu", "subpixel_vjp"), ("gpu", "fused_1ch"), ("tpu", "plain")])
+def test_auto_formulation_per_backend(backend, expected, monkeypatch):
+    # What each backend runs: the fastest measured there (BENCHMARKS.md); TPU unmeasured, the plain form.
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(jax, "device_count", lambda: devices)
     assert ConvAE(formulation="auto").resolved_formulation() == expected

@@ -28,9 +28,10 @@ Formulations of the same function (``formulation``), all with the same parameter
   forward pass replaces a cuDNN convolution with one output channel (4.1 ms at batch 256 on an H100) and whose
   backward pass reads the 128-channel activation once and writes its masked gradient once. On an H100 in bf16 at
   batch 256: 21,600 images/s, 2.94× PyTorch eager (channels_last), 27% MFU (BENCHMARKS.md).
-- ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU; on a GPU ``"fused_1ch"`` when the process
-  sees one device, ``"plain_1ch"`` with several (the Triton calls have no sharding rule, so with several devices the
-  fused blocks run as their jnp form, which has not been timed on a GPU); ``"plain"`` elsewhere (TPU: not measured).
+- ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, ``"fused_1ch"`` on a GPU, ``"plain"``
+  elsewhere (TPU: not measured). With several GPUs the training step runs the kernels on each device's share of the
+  batch (``fused_blocks.batch_sharded``; tested on forced CPU devices through Pallas's interpreter, not timed on
+  several GPUs); a multi-device jit outside it runs the blocks' jnp form.
 
 ``micro_batch``: ``encode`` and ``decode_logits`` run over the batch in slices of this many images (``lax.map``), so
 every intermediate of one slice stays in the CPU caches (one 128×128×128 float32 activation is 8 MB per image; the
@@ -372,9 +373,7 @@ class ConvAE(nn.Module):
         if self.formulation != "auto":
             return self.formulation
         backend = jax.default_backend()
-        if backend == "gpu":
-            return "fused_1ch" if jax.device_count() == 1 else "plain_1ch"
-        return "subpixel_vjp" if backend == "cpu" else "plain"
+        return {"cpu": "subpixel_vjp", "gpu": "fused_1ch"}.get(backend, "plain")
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""

@@ -35,17 +35,21 @@ Both blocks
 -----------
 Two implementations of the same function: ``pallas`` (GPU, Triton; ``interpret=True`` runs it anywhere, which is how
 the tests check the kernel on CPU) and ``xla`` (the same patch products written with jnp ops and differentiated by
-autodiff: the reference the kernel is tested against, and what runs on CPU/TPU).
+autodiff: the reference the kernel is tested against, and what runs on CPU/TPU, or under a multi-device jit outside
+``batch_sharded``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "pallas", "xla", "pallas_interpret")
 
@@ -115,15 +119,52 @@ def conv_relu_pool_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array,
         impl = "pallas" if pallas_supported(x, kernel) else "xla"
     if impl == "xla":
         return _xla(x, kernel, bias)
-    return _fused(x, kernel, bias, impl == "pallas_interpret")
+    interpret = impl == "pallas_interpret"
+    return _on_each_device(lambda *a: _fused(*a, interpret), x, kernel, bias)
+
+
+_BATCH_MESH = contextvars.ContextVar("fused_blocks_batch_mesh", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded(mesh, axis: str = "data"):
+    """Functions traced inside this block run the Pallas kernels on each device's share of the batch.
+
+    A pallas_call has no sharding rule: under a jit whose batch is split over several devices XLA would gather the
+    whole batch onto every device to run it. Inside this block the kernels run under ``jax.shard_map`` over ``axis``
+    of ``mesh`` (batch split, parameters replicated; the parameters' gradients are summed over devices by
+    shard_map's transpose). The training step traces its model inside it (``training/step.py``).
+    """
+    token = _BATCH_MESH.set(None if mesh is None else (mesh, axis))
+    try:
+        yield
+    finally:
+        _BATCH_MESH.reset(token)
+
+
+def _batch_split():
+    """(mesh, axis) when traced inside ``batch_sharded`` over more than one device, else None."""
+    ctx = _BATCH_MESH.get()
+    return ctx if ctx is not None and ctx[0].shape[ctx[1]] > 1 else None
+
+
+def _on_each_device(fn, x, kernel, bias):
+    """``fn(x, kernel, bias)`` with x split over the batch mesh, when there is one."""
+    split = _batch_split()
+    if split is None:
+        return fn(x, kernel, bias)
+    mesh, axis = split
+    # check_vma off: pallas_call carries no varying-axes rule; the specs below say what varies
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(axis), check_vma=False)(
+        x, kernel, bias)
 
 
 def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether ``auto`` runs the Triton kernels: on a process with one GPU (a pallas_call has no sharding rule, so
-    under a multi-device mesh XLA would gather the whole batch onto every device to run it), for a power-of-two width
-    (Triton tiles are powers of two)."""
+    """Whether ``auto`` runs the Triton kernels: on a GPU, where one device holds the batch or the batch is split by
+    ``batch_sharded``, for a power-of-two width (Triton tiles are powers of two)."""
     c = kernel.shape[-1]
-    return (jax.default_backend() == "gpu" and jax.device_count() == 1 and c >= 16 and c & (c - 1) == 0
+    one_batch = jax.device_count() == 1 or _BATCH_MESH.get() is not None
+    return (jax.default_backend() == "gpu" and one_batch and c >= 16 and c & (c - 1) == 0
             and x.dtype in (jnp.bfloat16, jnp.float32))
 
 
@@ -327,7 +368,8 @@ def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array,
         impl = "pallas" if pallas_supported(pre, kernel.swapaxes(2, 3)) else "xla"
     if impl == "xla":
         return _last_xla(pre, kernel, bias)
-    return _last_fused(pre, kernel, bias, impl == "pallas_interpret")
+    interpret = impl == "pallas_interpret"
+    return _on_each_device(lambda *a: _last_fused(*a, interpret), pre, kernel, bias)
 
 
 def _last_forward_kernel(pre_ref, kt_ref, out_ref):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cellssl_jax.models import fused_blocks
 from cellssl_jax.parallel import batch_sharding, replicated_sharding
 from cellssl_jax.training.objectives.autoencoder import AutoencoderObjective
 from data_pipelines import device_finish
@@ -103,6 +104,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, loss: str
         return params, opt_state, apply, (value, grad_norm, loss_ok, grad_ok, aux)
 
     def train_step(state: TrainState, batch):
+        with fused_blocks.batch_sharded(mesh):  # Pallas kernels per device's share of the batch (fused_1ch)
+            return sharded_train_step(state, batch)
+
+    def sharded_train_step(state: TrainState, batch):
         crops = batch_crops(batch)
         extras = {k: batch[k] for k in objective.batch_keys}
         if needs_rng:
