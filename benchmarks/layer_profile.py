@@ -1,13 +1,14 @@
 """Where the ConvAE's training step spends its time: each layer's forward and forward+backward, timed alone.
 
     .venv/bin/python benchmarks/layer_profile.py [--batch 256] [--dtype bfloat16|float32] [--forms plain subpixel]
-        [--steps-per-call N] [--repeats 5]
+        [--steps-per-call N] [--repeats 5] [--layers enc1 dec3 ...]
 
 Each of the paper's eight 3×3 convolutions (with its bias and ReLU; the two that follow a ×2 nearest upsampling with
 it, in the plain form and in the sub-pixel form of cellssl_jax.models.convae) is jitted alone at the shapes of a
 128×128 training step, and timed: forward, and the training work (forward + weight/bias gradients + input gradient,
 which the first layer does not need); the two one-channel layers also as the matrix products of formulation
-``plain_1ch`` ("matmul"). Reported per layer: milliseconds per call, the layer's model FLOPs (as
+``plain_1ch`` ("matmul") and as formulation ``fused_1ch``'s fused blocks ("fused": the first with its pool; "fused_in":
+the last with the ReLU of its input). Reported per layer: milliseconds per call, the layer's model FLOPs (as
 benchmarks/train_throughput.py counts them: the plain form's) and the TFLOP/s they amount to, the layer's share of the
 sum, and on an accelerator the fraction of a bf16 matmul peak measured in the same run. The sum of the training work
 against the whole step of train_throughput.py shows what the rest (pooling, loss, Adam, copies) costs.
