@@ -328,15 +328,12 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _tap_shifts(img: jax.Array, adjoint: bool) -> jax.Array:
-    """[N, H, W] → [N·H·W, 16]: column 3i+j holds img[p+i−1, q+j−1] (forward) or img[p+1−i, q+1−j] (adjoint)."""
+def _adjoint_taps(img: jax.Array) -> jax.Array:
+    """[N, H, W] → [N·H·W, 16]: column 3i+j holds img[p+1−i, q+1−j] (the output positions pixel (p, q) reaches
+    through tap (i, j), as convae's ``_shift_cols(adjoint=True)``), columns 9..15 zero."""
     n, h, w = img.shape
     p = jnp.pad(img, ((0, 0), (1, 1), (1, 1)))
-    if adjoint:
-        cols = [p[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)]
-    else:
-        cols = [p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
-    cols += [jnp.zeros_like(img)] * 7
+    cols = [p[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)] + [jnp.zeros_like(img)] * 7
     return jnp.stack(cols, axis=-1).reshape(n * h * w, 16)
 
 
@@ -346,16 +343,19 @@ def _tap_kernel(kernel: jax.Array) -> jax.Array:
     return jnp.concatenate([k9, jnp.zeros((7, k9.shape[1]), k9.dtype)])
 
 
-def _sum_taps(partials: jax.Array, n: int, h: int, w: int) -> jax.Array:
-    """[N·H·W, 16] per-tap partial sums at each input pixel → the [N, H, W] conv output: Σ_t partial_t[p+i−1, q+j−1]."""
+def _conv_output(partials: jax.Array, pre: jax.Array, bias: jax.Array) -> jax.Array:
+    """[N·H·W, 16] per-tap partial sums at each input pixel → the conv output [N, H, W, 1] + bias:
+    Σ_t partial_t[p+i−1, q+j−1]."""
+    n, h, w, _ = pre.shape
     t = jnp.pad(partials.reshape(n, h, w, 16), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(t[:, i:i + h, j:j + w, 3 * i + j] for i in range(3) for j in range(3))
+    y = sum(t[:, i:i + h, j:j + w, 3 * i + j] for i in range(3) for j in range(3))
+    return y[..., None].astype(pre.dtype) + bias
 
 
 def _last_xla(pre: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    n, h, w, c = pre.shape
-    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, c), _tap_kernel(kernel).T, preferred_element_type=jnp.float32)
-    return (_sum_taps(partials, n, h, w)[..., None].astype(pre.dtype) + bias)
+    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, pre.shape[-1]), _tap_kernel(kernel).T,
+                          preferred_element_type=jnp.float32)
+    return _conv_output(partials, pre, bias)
 
 
 def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Array:
@@ -439,18 +439,15 @@ def _last_fused(pre, kernel, bias, interpret):
 
 
 def _last_fused_fwd(pre, kernel, bias, interpret):
-    n, h, w, c = pre.shape
-    partials = _last_forward_call(pre.reshape(-1, c), _tap_kernel(kernel).T, interpret)
-    y = _sum_taps(partials, n, h, w)[..., None].astype(pre.dtype) + bias
-    return y, (pre, kernel)
+    partials = _last_forward_call(pre.reshape(-1, pre.shape[-1]), _tap_kernel(kernel).T, interpret)
+    return _conv_output(partials, pre, bias), (pre, kernel)
 
 
 def _last_fused_bwd(interpret, res, dy):
     pre, kernel = res
-    n, h, w, c = pre.shape
-    taps = _tap_shifts(dy[..., 0], adjoint=True)
+    taps = _adjoint_taps(dy[..., 0])
     k16, to_kernel = jax.vjp(_tap_kernel, kernel.astype(jnp.float32))
-    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, c), k16.astype(pre.dtype), interpret)
+    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, pre.shape[-1]), k16.astype(pre.dtype), interpret)
     (dk,) = to_kernel(dk16)
     db = jnp.sum(dy, dtype=jnp.float32)[None]
     return dpre.reshape(pre.shape), dk.astype(kernel.dtype), db.astype(kernel.dtype)
