@@ -48,7 +48,7 @@ want env && part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver
   \"optax\", optax.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__)'"
 want kernels && part kernels 90 $PY -m pytest -q -p no:cacheprovider tests/test_fused_blocks.py -k compiled
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
-  --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain_1ch plain} \
+  --batch-sizes 256 --formulations ${FORMULATIONS:-auto fused_subpixel plain} \
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
 want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --unfused matmul \
   --configs "backward xla" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"

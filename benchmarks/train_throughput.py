@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--formulations", nargs="+", default=["auto", "subpixel"],
-                   help="ConvAE formulations to time (plain, subpixel, subpixel_vjp, auto)")
+                   help="ConvAE formulations to time (cellssl_jax.models.convae.FORMULATIONS)")
     p.add_argument("--micro-batch", type=int, default=None, help="ConvAE.micro_batch (default: the model's choice)")
     p.add_argument("--torch", nargs="*", default=["nchw", "channels_last", "compile"],
                    help="PyTorch variants (empty: none)")

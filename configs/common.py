@@ -22,7 +22,9 @@ def base_config() -> ConfigDict:
     cfg.model.encoder_widths = (128, 64, 32)
     cfg.model.latent_channels = 4
     cfg.model.decoder_widths = (32, 64, 128)
-    cfg.model.formulation = "subpixel"  # same function as "plain", fewer FLOPs in the upsampling layers
+    # Same function in every formulation; "auto" picks the fastest measured for the backend when the step is traced
+    # (CPU: subpixel_vjp in one-image slices; GPU: fused_1ch; see cellssl_jax/models/convae.py).
+    cfg.model.formulation = "auto"
     cfg.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU keeps float32 parameters
 
     # Adam(lr=1e-3) with MultiStepLR(milestones=[5], gamma=0.3) stepped per epoch; milestones in EPOCHS.

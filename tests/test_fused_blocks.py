@@ -17,6 +17,7 @@ import pytest
 
 from cellssl_jax.models import fused_blocks
 from cellssl_jax.models.convae import _conv_reference, max_pool_2x2
+from cellssl_jax.models.subpixel import interleave_phases
 
 
 def _unfused(x, kernel, bias):
@@ -122,6 +123,29 @@ def test_fused_last_block_equals_relu_then_conv_with_gradients(impl, shape):
     _assert_close(got, want, 1e-6)
 
 
+def _phase_inputs(seed, n, h, w, c, dtype=jnp.float32):
+    """A phase-layout input [n, h+1, w+1, 4·c] (what a sub-pixel upsampling conv writes) and the rest."""
+    pre, kernel, bias, cot = _last_inputs(seed, n, 2 * h, 2 * w, c, dtype)
+    rng = np.random.default_rng(seed + 100)
+    return jnp.asarray(rng.normal(size=(n, h + 1, w + 1, 4 * c)), dtype), kernel, bias, cot
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 32), (1, 5, 3, 24)])
+def test_fused_last_block_reads_the_phase_layout_as_the_interleaved_image(impl, shape):
+    # phases=True must equal interleaving first (subpixel.interleave_phases) and running the block on the image; the
+    # positions where a phase is not valid get no gradient.
+    pre, kernel, bias, cot = _phase_inputs(6, *shape)
+    h, w = shape[1], shape[2]
+    want = _value_and_grads(lambda p, k, b: _unfused_last(interleave_phases(p, h, w), k, b), pre, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.relu_conv_to_one_channel(*a, impl=impl, phases=True),
+                           pre, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+    d_pre = np.asarray(got[1]).reshape(shape[0], h + 1, w + 1, 2, 2, -1)
+    assert not d_pre[:, 0, :, 1].any() and not d_pre[:, h, :, 0].any()  # row phase 1 starts at offset 1, 0 ends at h
+    assert not d_pre[:, :, 0, :, 1].any() and not d_pre[:, :, w, :, 0].any()
+
+
 _SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -171,6 +195,9 @@ def test_rejects_what_it_cannot_fuse():
         fused_blocks.conv_relu_pool_one_channel(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 8)), jnp.zeros(8), "cuda")
     with pytest.raises(ValueError, match=r"needs a kernel \[3, 3, 8, 1\]"):
         fused_blocks.relu_conv_to_one_channel(jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 2)), jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"kernel \[3, 3, 2, 1\] for a phase-layout input"):
+        fused_blocks.relu_conv_to_one_channel(jnp.zeros((1, 5, 5, 8)), jnp.zeros((3, 3, 8, 1)), jnp.zeros(1),
+                                              phases=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
@@ -193,4 +220,19 @@ def test_compiled_gpu_last_block_kernel_matches_the_unfused_ops(dtype, rtol):
         want = jax.jit(lambda *a: _value_and_grads(_unfused_last, *a))(*[a.astype(jnp.float32) for a in args])
     got = jax.jit(lambda *a: _value_and_grads(
         lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas"), *a))(*args)
+    _assert_close(got, want, rtol, norm=2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_gpu_last_block_kernel_reads_the_phase_layout(dtype, rtol):
+    args = [a.astype(dtype) for a in _phase_inputs(7, 8, 64, 64, 128)]
+
+    def unfused(p, k, b):
+        return _unfused_last(interleave_phases(p, 64, 64), k, b)
+
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda *a: _value_and_grads(unfused, *a))(*[a.astype(jnp.float32) for a in args])
+    got = jax.jit(lambda *a: _value_and_grads(
+        lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas", phases=True), *a))(*args)
     _assert_close(got, want, rtol, norm=2)

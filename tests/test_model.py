@@ -54,7 +54,7 @@ def test_subpixel_upsample_conv_equals_upsample_then_conv():
 
 
 @pytest.mark.parametrize("loss,formulation", [("bce", "subpixel"), ("mse", "subpixel"), ("bce", "plain_1ch"),
-                                            ("bce", "fused_1ch")])
+                                            ("bce", "fused_1ch"), ("bce", "fused_subpixel")])
 def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation):
     params = init_params(ConvAE(), jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))

@@ -28,6 +28,13 @@ Formulations of the same function (``formulation``), all with the same parameter
   forward pass replaces a cuDNN convolution with one output channel (4.1 ms at batch 256 on an H100) and whose
   backward pass reads the 128-channel activation once and writes its masked gradient once. On an H100 in bf16 at
   batch 256: 21,600 images/s, 2.94× PyTorch eager (channels_last), 27% MFU (BENCHMARKS.md).
+- ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.97
+  ms of the 11.8 ms step on the H100) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
+  the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output [N, h+1, w+1, 4·C]
+  the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so neither the
+  128-channel activation nor its gradient is ever interleaved. Written for the GPU and not yet timed there
+  (benchmarks/gpu_session.sh times it beside ``auto``); the CPU's own sub-pixel form gained nothing from reading the
+  phase layout (BENCHMARKS.md).
 - ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, ``"fused_1ch"`` on a GPU, ``"plain"``
   elsewhere (TPU: not measured). With several GPUs the training step runs the kernels on each device's share of the
   batch (``fused_blocks.batch_sharded``; tested on forced CPU devices through Pallas's interpreter, not timed on
@@ -54,17 +61,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from cellssl_jax.models.fused_blocks import conv_relu_pool_one_channel, relu_conv_to_one_channel
+from cellssl_jax.models.subpixel import all_phase_kernel, deinterleave_phases, interleave_phases, subpixel_kernels
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "fused_1ch", "auto")
-
-# Rows of the 2-tap kernels that a 3-tap kernel collapses to after a nearest ×2 upsample, per output phase.
-# Output row 2i+0 reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i  → taps (K0, K1+K2) over rows (i-1, i).
-# Output row 2i+1 reads upsampled rows 2i, 2i+1, 2i+2 = input rows i, i, i+1 → taps (K0+K1, K2) over rows (i, i+1).
-_PHASE_TAPS = (
-    jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], jnp.float32),
-    jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], jnp.float32),
-)
+FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "fused_1ch", "fused_subpixel", "auto")
+# Those whose middle layers are XLA's own convolutions (autodiff): plain and the ones that change the one-channel
+# layers (the fused ones fall back to plain_1ch's products where a fused block does not apply).
+_XLA_CONVS = ("plain", "plain_1ch", "fused_1ch", "fused_subpixel")
+_ONE_CHANNEL_PRODUCTS = ("plain_1ch", "fused_1ch", "fused_subpixel")
+_FUSED = ("fused_1ch", "fused_subpixel")
 
 
 def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -88,18 +93,6 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
     return x.reshape(n, 2 * h, 2 * w, c)
-
-
-def subpixel_kernels(kernel: jax.Array) -> jax.Array:
-    """3×3 HWIO kernel → (2, 2, 2, 2, I, O): the 2×2 kernel for each output phase (row phase, column phase)."""
-    rows = []
-    for di in range(2):
-        cols = []
-        for dj in range(2):
-            k = jnp.einsum("ra,abio,cb->rcio", _PHASE_TAPS[di], kernel.astype(jnp.float32), _PHASE_TAPS[dj])
-            cols.append(k.astype(kernel.dtype))
-        rows.append(jnp.stack(cols))
-    return jnp.stack(rows)
 
 
 def upsample_conv_subpixel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -277,34 +270,11 @@ def _to1_bwd(res, dy):
 conv_to_one_channel_vjp.defvjp(_to1_fwd, _to1_bwd)
 
 
-def _all_phase_kernel(kernel: jax.Array) -> jax.Array:
-    """3×3 HWIO kernel → one 2×2 kernel with the four sub-pixel phases stacked on the output axis: (2, 2, I, 4·O)."""
-    ci, co = kernel.shape[2], kernel.shape[3]
-    return subpixel_kernels(kernel).transpose(2, 3, 4, 0, 1, 5).reshape(2, 2, ci, 4 * co)
-
-
-def _interleave_phases(y_all: jax.Array, h: int, w: int) -> jax.Array:
-    """[N, h+1, w+1, 4·O] (phase (di, dj) valid at offset (di, dj)) → the upsampled [N, 2h, 2w, O]."""
-    n, co = y_all.shape[0], y_all.shape[-1] // 4
-    y6 = y_all.reshape(n, h + 1, w + 1, 2, 2, co)
-    rows = [jnp.stack([y6[:, di:di + h, dj:dj + w, di, dj, :] for dj in range(2)], axis=3) for di in range(2)]
-    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, co)
-
-
-def _deinterleave_phases(dout: jax.Array) -> jax.Array:
-    """Adjoint of ``_interleave_phases``: each phase of [N, 2h, 2w, O] placed at its offset in [N, h+1, w+1, 4·O]."""
-    n, hh, ww, co = dout.shape
-    d6 = dout.reshape(n, hh // 2, 2, ww // 2, 2, co)
-    parts = [jnp.pad(d6[:, :, di, :, dj, :], ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
-             for di in range(2) for dj in range(2)]
-    return jnp.concatenate(parts, axis=-1)
-
-
 @jax.custom_vjp
 def upsample_conv_vjp(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """conv3x3(upsample_nearest_2x(x)) as one 2×2 convolution with all four phases, interleaved."""
     _, h, w, _ = x.shape
-    return _interleave_phases(_valid_conv(_pad1(x), _all_phase_kernel(kernel)), h, w) + bias
+    return interleave_phases(_valid_conv(_pad1(x), all_phase_kernel(kernel)), h, w) + bias
 
 
 def _up_fwd(x, kernel, bias):
@@ -313,11 +283,11 @@ def _up_fwd(x, kernel, bias):
 
 def _up_bwd(res, dout):
     x, kernel = res
-    k_all = _all_phase_kernel(kernel)
-    d_all = _deinterleave_phases(dout)  # [N, h+1, w+1, 4·O]
+    k_all = all_phase_kernel(kernel)
+    d_all = deinterleave_phases(dout)  # [N, h+1, w+1, 4·O]
     dx = _valid_conv(d_all, _flip_io(k_all))  # exactly the unpadded input: [N, h, w, I]
     dk_all = _weight_grad(_pad1(x), d_all)
-    _, to_kernel = jax.vjp(_all_phase_kernel, kernel.astype(jnp.float32))
+    _, to_kernel = jax.vjp(all_phase_kernel, kernel.astype(jnp.float32))
     (dk,) = to_kernel(dk_all)
     return dx, dk.astype(kernel.dtype), _bias_grad(dout).astype(kernel.dtype)
 
@@ -346,7 +316,7 @@ class ConvAE(nn.Module):
     encoder_widths: Sequence[int] = (128, 64, 32)
     latent_channels: int = 4
     decoder_widths: Sequence[int] = (32, 64, 128)
-    formulation: str = "subpixel"  # one of FORMULATIONS: same function, different speed
+    formulation: str = "auto"  # one of FORMULATIONS: same function, different speed
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
     micro_batch: int | None = None  # images per slice in encode/decode_logits; None: 1 on CPU with subpixel_vjp
 
@@ -402,12 +372,12 @@ class ConvAE(nn.Module):
         x = x.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda xs: _encode_layers_vjp(xs, layers), x, self.resolved_micro_batch())
-        conv = _conv_reference if formulation in ("plain", "plain_1ch", "fused_1ch") else _conv
+        conv = _conv_reference if formulation in _XLA_CONVS else _conv
         one_channel = x.shape[-1] == 1
-        if formulation == "fused_1ch" and one_channel and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        if formulation in _FUSED and one_channel and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
             b1 = conv_relu_pool_one_channel(x, *layers[0])
         else:
-            first = conv_from_one_channel_vjp if formulation in ("plain_1ch", "fused_1ch") and one_channel else conv
+            first = conv_from_one_channel_vjp if formulation in _ONE_CHANNEL_PRODUCTS and one_channel else conv
             b1 = max_pool_2x2(nn.relu(first(x, *layers[0])))
         b2 = max_pool_2x2(nn.relu(conv(b1, *layers[1])))
         b3 = nn.relu(conv(b2, *layers[2]))
@@ -419,12 +389,20 @@ class ConvAE(nn.Module):
         z = z.astype(self.dtype)
         if formulation == "subpixel_vjp":
             return _in_slices(lambda zs: _decode_logits_vjp(zs, layers), z, self.resolved_micro_batch())
-        if formulation in ("plain", "plain_1ch", "fused_1ch"):
+        one_channel = layers[3][0].shape[-1] == 1
+        if formulation == "fused_subpixel" and one_channel:
+            x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
+            x = nn.relu(_conv_reference(x, *layers[1]))
+            kernel, bias = layers[2]
+            # the last upsampling conv in its phase layout [N, h+1, w+1, 4·C], read by the last block as it is
+            pre = lax.conv_general_dilated(x, all_phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=_DIMS) + jnp.tile(bias, 4)
+            return relu_conv_to_one_channel(pre, *layers[3], phases=True).astype(jnp.float32)
+        if formulation in _XLA_CONVS:
             x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
             x = upsample_nearest_2x(nn.relu(_conv_reference(x, *layers[1])))
             pre = _conv_reference(x, *layers[2])
-            one_channel = layers[3][0].shape[-1] == 1
-            if formulation == "fused_1ch" and one_channel:
+            if formulation in _FUSED and one_channel:
                 return relu_conv_to_one_channel(pre, *layers[3]).astype(jnp.float32)
             last = conv_to_one_channel_vjp if formulation == "plain_1ch" and one_channel else _conv_reference
             return last(nn.relu(pre), *layers[3]).astype(jnp.float32)
@@ -503,7 +481,7 @@ def model_from_config(cfg) -> ConvAE:
         encoder_widths=tuple(get("encoder_widths", (128, 64, 32))),
         latent_channels=get("latent_channels", 4),
         decoder_widths=tuple(get("decoder_widths", (32, 64, 128))),
-        formulation=get("formulation", "subpixel"),
+        formulation=get("formulation", "auto"),
         dtype=dtype,
         micro_batch=get("micro_batch", None),
     )

@@ -30,6 +30,9 @@ masked gradient, with the weight gradient accumulated on the way. The math: with
 copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in column 3i+j, zero-padded to 16), the input
 gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
 nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (a 1/8 of the activation's bytes).
+The products are per pixel, so the kernels do not care in which order the M rows come: with ``phases=True`` the
+input is a sub-pixel upsampling conv's output in its phase layout (``subpixel.py``), and only the 16-column partial
+sums and taps are interleaved / de-interleaved (formulation ``fused_subpixel``).
 
 Both blocks
 -----------
@@ -50,6 +53,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
+
+from cellssl_jax.models.subpixel import deinterleave_phases, interleave_phases
 
 IMPLS = ("auto", "pallas", "xla", "pallas_interpret")
 
@@ -329,12 +334,12 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _adjoint_taps(img: jax.Array) -> jax.Array:
-    """[N, H, W] → [N·H·W, 16]: column 3i+j holds img[p+1−i, q+1−j] (the output positions pixel (p, q) reaches
-    through tap (i, j), as convae's ``_shift_cols(adjoint=True)``), columns 9..15 zero."""
-    n, h, w = img.shape
+    """[N, H, W] → [N, H, W, 16]: channel 3i+j holds img[p+1−i, q+1−j] (the output positions pixel (p, q) reaches
+    through tap (i, j), as convae's ``_shift_cols(adjoint=True)``), channels 9..15 zero."""
+    _, h, w = img.shape
     p = jnp.pad(img, ((0, 0), (1, 1), (1, 1)))
     cols = [p[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)] + [jnp.zeros_like(img)] * 7
-    return jnp.stack(cols, axis=-1).reshape(n * h * w, 16)
+    return jnp.stack(cols, axis=-1)
 
 
 def _tap_kernel(kernel: jax.Array) -> jax.Array:
@@ -343,33 +348,58 @@ def _tap_kernel(kernel: jax.Array) -> jax.Array:
     return jnp.concatenate([k9, jnp.zeros((7, k9.shape[1]), k9.dtype)])
 
 
-def _conv_output(partials: jax.Array, pre: jax.Array, bias: jax.Array) -> jax.Array:
-    """[N·H·W, 16] per-tap partial sums at each input pixel → the conv output [N, H, W, 1] + bias:
+def _rows_to_image(rows16: jax.Array, pre: jax.Array, phases: bool) -> jax.Array:
+    """[rows, 16] per input row of ``pre`` → [N, H, W, 16] at the pixels of the image ``pre`` stands for.
+
+    The products of the last block are per pixel, so the row order of the 128-channel input is free; only these
+    16-column arrays are rearranged (with phases: interleaved, 1/8 of the input's bytes in bf16, 4 B a value)."""
+    n, hp, wp, _ = pre.shape
+    if not phases:
+        return rows16.reshape(n, hp, wp, 16)
+    return interleave_phases(rows16.reshape(n, hp, wp, 4 * 16), hp - 1, wp - 1)
+
+
+def _image_to_rows(img16: jax.Array, phases: bool) -> jax.Array:
+    """Adjoint of ``_rows_to_image``: [N, H, W, 16] → [rows, 16] in the input's row order (zero rows where a phase
+    is not valid)."""
+    return (deinterleave_phases(img16) if phases else img16).reshape(-1, 16)
+
+
+def _conv_output(partials: jax.Array, dtype, bias: jax.Array) -> jax.Array:
+    """[N, H, W, 16] per-tap partial sums at each input pixel → the conv output [N, H, W, 1] + bias:
     Σ_t partial_t[p+i−1, q+j−1]."""
-    n, h, w, _ = pre.shape
-    t = jnp.pad(partials.reshape(n, h, w, 16), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    _, h, w, _ = partials.shape
+    t = jnp.pad(partials, ((0, 0), (1, 1), (1, 1), (0, 0)))
     y = sum(t[:, i:i + h, j:j + w, 3 * i + j] for i in range(3) for j in range(3))
-    return y[..., None].astype(pre.dtype) + bias
+    return y[..., None].astype(dtype) + bias
 
 
-def _last_xla(pre: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, pre.shape[-1]), _tap_kernel(kernel).T,
+def _last_xla(pre: jax.Array, kernel: jax.Array, bias: jax.Array, phases: bool) -> jax.Array:
+    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, kernel.shape[2]), _tap_kernel(kernel).T,
                           preferred_element_type=jnp.float32)
-    return _conv_output(partials, pre, bias)
+    return _conv_output(_rows_to_image(partials, pre, phases), pre.dtype, bias)
 
 
-def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Array:
-    """conv3x3_same(relu(pre), kernel) + bias for an HWIO kernel with one output channel; NHWC, output [N, H, W, 1]."""
+def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto",
+                             phases: bool = False) -> jax.Array:
+    """conv3x3_same(relu(pre), kernel) + bias for an HWIO kernel [3, 3, C, 1]; NHWC, output [N, H, W, 1].
+
+    ``phases=True``: ``pre`` is the output of a sub-pixel upsampling conv in its phase layout, [N, h+1, w+1, 4·C]
+    (``subpixel.interleave_phases`` of it is the [N, 2h, 2w, C] image it stands for); the output is [N, 2h, 2w, 1],
+    the same as for that image, which is never formed, nor is its gradient.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if kernel.shape[-1] != 1 or kernel.shape[2] != pre.shape[-1]:
-        raise ValueError(f"the fused last block needs a kernel [3, 3, {pre.shape[-1]}, 1], got {kernel.shape}")
+    c = pre.shape[-1] // 4 if phases else pre.shape[-1]
+    if kernel.shape[-1] != 1 or kernel.shape[2] != c or (phases and pre.shape[-1] != 4 * c):
+        layout = f"a phase-layout input of 4·{c} channels" if phases else f"an input of {c} channels"
+        raise ValueError(f"the fused last block needs a kernel [3, 3, {c}, 1] for {layout}, got {kernel.shape}")
     if impl == "auto":
         impl = "pallas" if pallas_supported(pre, kernel.swapaxes(2, 3)) else "xla"
     if impl == "xla":
-        return _last_xla(pre, kernel, bias)
+        return _last_xla(pre, kernel, bias, phases)
     interpret = impl == "pallas_interpret"
-    return _on_each_device(lambda *a: _last_fused(*a, interpret), pre, kernel, bias)
+    return _on_each_device(lambda *a: _last_fused(*a, interpret, phases), pre, kernel, bias)
 
 
 def _last_forward_kernel(pre_ref, kt_ref, out_ref):
@@ -433,21 +463,21 @@ def _last_backward_call(taps, pre2d, k16, interpret):
     return dpre[:m], dk.sum(axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _last_fused(pre, kernel, bias, interpret):
-    return _last_fused_fwd(pre, kernel, bias, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _last_fused(pre, kernel, bias, interpret, phases):
+    return _last_fused_fwd(pre, kernel, bias, interpret, phases)[0]
 
 
-def _last_fused_fwd(pre, kernel, bias, interpret):
-    partials = _last_forward_call(pre.reshape(-1, pre.shape[-1]), _tap_kernel(kernel).T, interpret)
-    return _conv_output(partials, pre, bias), (pre, kernel)
+def _last_fused_fwd(pre, kernel, bias, interpret, phases):
+    partials = _last_forward_call(pre.reshape(-1, kernel.shape[2]), _tap_kernel(kernel).T, interpret)
+    return _conv_output(_rows_to_image(partials, pre, phases), pre.dtype, bias), (pre, kernel)
 
 
-def _last_fused_bwd(interpret, res, dy):
+def _last_fused_bwd(interpret, phases, res, dy):
     pre, kernel = res
-    taps = _adjoint_taps(dy[..., 0])
+    taps = _image_to_rows(_adjoint_taps(dy[..., 0]), phases)
     k16, to_kernel = jax.vjp(_tap_kernel, kernel.astype(jnp.float32))
-    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, pre.shape[-1]), k16.astype(pre.dtype), interpret)
+    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, kernel.shape[2]), k16.astype(pre.dtype), interpret)
     (dk,) = to_kernel(dk16)
     db = jnp.sum(dy, dtype=jnp.float32)[None]
     return dpre.reshape(pre.shape), dk.astype(kernel.dtype), db.astype(kernel.dtype)
