@@ -29,10 +29,11 @@ and reads the activation once more for the weight gradient. Fused, one pass read
 masked gradient, with the weight gradient accumulated on the way. The math: with ``taps`` [M, 16] the 9 shifted
 copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in column 3i+j, zero-padded to 16), the input
 gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
-nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (a 1/8 of the activation's bytes).
-The products are per pixel, so the kernels do not care in which order the M rows come: with ``phases=True`` the
-input is a sub-pixel upsampling conv's output in its phase layout (``subpixel.py``), and only the 16-column partial
-sums and taps are interleaved / de-interleaved (formulation ``fused_subpixel``).
+nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (16 float32 values a pixel: a
+quarter of the bytes of 128 bf16 channels). The products are per pixel, so the kernels do not care in which order
+the M rows come: with ``phases=True`` the input is a sub-pixel upsampling conv's output in its phase layout
+(``subpixel.py``), and only the 16-column partial sums and taps are interleaved / de-interleaved (formulation
+``fused_subpixel``).
 
 Both blocks
 -----------
@@ -352,7 +353,7 @@ def _rows_to_image(rows16: jax.Array, pre: jax.Array, phases: bool) -> jax.Array
     """[rows, 16] per input row of ``pre`` → [N, H, W, 16] at the pixels of the image ``pre`` stands for.
 
     The products of the last block are per pixel, so the row order of the 128-channel input is free; only these
-    16-column arrays are rearranged (with phases: interleaved, 1/8 of the input's bytes in bf16, 4 B a value)."""
+    16-column float32 arrays are rearranged (with phases: interleaved), a quarter of the bytes of 128 bf16 channels."""
     n, hp, wp, _ = pre.shape
     if not phases:
         return rows16.reshape(n, hp, wp, 16)
