@@ -16,8 +16,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m cellssl_jax.demo --workdir runs/demo
 
+# Two pytest worker processes (pytest-xdist): much of the suite is XLA compilation, one core each, so two workers
+# finish the 2-core CI machine's run in ~10.5 min instead of ~16 (BENCHMARKS.md, "Test suite"). TEST_WORKERS=0 runs
+# it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/input_pipeline.py

@@ -200,6 +200,67 @@ def test_rejects_what_it_cannot_fuse():
                                               phases=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Lowered for CUDA without a GPU: jax.export lowers for a platform it does not run on, through the same Pallas → Triton
+# lowering as a GPU's jit (block shapes, dtypes, compiler params are checked there). What it cannot show is Triton's
+# own compilation to PTX inside XLA, and the numbers: the compiled tests below do that on a GPU.
+
+_TRITON = "__gpu$xla.gpu.triton"
+
+
+def _triton_kernels_for_cuda(fn, *args) -> list[str]:
+    """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA, one entry per kernel call."""
+    from jax import export  # noqa: PLC0415
+
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON)])(*args)
+    module = exported.mlir_module()
+    calls = [line for line in module.splitlines() if f"custom_call @{_TRITON}" in line]
+    names = ["first_block_forward", "first_block_backward", "last_block_forward", "last_block_backward"]
+    return sorted(name for line in calls for name in names if f'name = "{name}"' in line)
+
+
+def _value_and_grad_of_sum(block, **kw):
+    return jax.value_and_grad(lambda *a: jnp.sum(block(*a, impl="pallas", **kw).astype(jnp.float32)), (0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("first_backward", ["xla", "pallas"])
+def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backward, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", first_backward)
+    x, k, b = jnp.zeros((8, 128, 128, 1), dtype), jnp.zeros((3, 3, 1, 32), dtype), jnp.zeros((32,), dtype)
+    first = _triton_kernels_for_cuda(_value_and_grad_of_sum(fused_blocks.conv_relu_pool_one_channel), x, k, b)
+    assert first == (["first_block_backward", "first_block_forward"] if first_backward == "pallas"
+                     else ["first_block_forward"])
+    k, b = jnp.zeros((3, 3, 32, 1), dtype), jnp.zeros((1,), dtype)
+    pre = jnp.zeros((8, 128, 128, 32), dtype)
+    last = _triton_kernels_for_cuda(_value_and_grad_of_sum(fused_blocks.relu_conv_to_one_channel), pre, k, b)
+    assert last == ["last_block_backward", "last_block_forward"]
+    k = jnp.zeros((3, 3, 128, 1), dtype)
+    pre = jnp.zeros((8, 65, 65, 4 * 128), dtype)  # fused_subpixel's phase layout of a 128×128×128 image
+    phased = _triton_kernels_for_cuda(_value_and_grad_of_sum(fused_blocks.relu_conv_to_one_channel, phases=True),
+                                      pre, k, b)
+    assert phased == ["last_block_backward", "last_block_forward"]
+
+
+@pytest.mark.parametrize("formulation", ["fused_1ch", "fused_subpixel"])
+def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, monkeypatch):
+    from cellssl_jax.models.convae import ConvAE  # noqa: PLC0415
+
+    # what `auto` decides on one GPU; here the backend is the CPU, so it is forced
+    monkeypatch.setattr(fused_blocks, "pallas_supported", lambda *a: True)
+    model = ConvAE(formulation=formulation, dtype=jnp.bfloat16)
+    x = jnp.zeros((8, 128, 128, 1), jnp.float32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+
+    def loss(p):
+        return jnp.mean((model.apply({"params": p}, x) - x) ** 2)
+
+    assert _triton_kernels_for_cuda(jax.value_and_grad(loss), params) == [
+        "first_block_forward", "last_block_backward", "last_block_forward"]
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol):
