@@ -77,6 +77,20 @@ def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation):
         assert float(jnp.abs(a - b).max()) / scale < 1e-4, jax.tree_util.keystr(path)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the measured warnings are the CPU's")
+def test_every_formulation_but_auto_warns_on_the_cpu_with_what_was_measured():
+    from cellssl_jax.models.convae import FORMULATIONS  # noqa: PLC0415
+
+    for formulation in FORMULATIONS:
+        warning = ConvAE(formulation=formulation).speed_warning()
+        if formulation in ("auto", "subpixel_vjp"):
+            assert warning is None
+        else:  # each carries its own figure, not only the generic sentence
+            assert f"formulation {formulation!r} on the CPU is slower than 'auto'" in warning
+            assert any(ch.isdigit() for ch in warning.split("batch 64-256)", 1)[1]), warning
+    assert "6 minutes" in ConvAE(formulation="fused_subpixel").speed_warning()
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_output():
     model = ConvAE(dtype=jnp.bfloat16)
     params = init_params(model, jax.random.key(0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -313,9 +314,11 @@ def test_finishing_on_device_trains_like_finishing_on_the_host(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(a))[:, :16], np.asarray(Image.open(b))[:, :16])
 
 
-def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path):
+def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path, caplog):
     """metrics.jsonl carries data_wait_ms / data_wait_fraction: with no reader thread and a source that takes 25 ms
-    an image, each batch of 8 keeps the loop waiting at least 200 ms (a lower bound, whatever the machine)."""
+    an image, each batch of 8 keeps the loop waiting at least 200 ms (a lower bound, whatever the machine). The log
+    also says which formulation 'auto' became."""
+    caplog.set_level(logging.INFO, logger="cellssl_jax.training.loop")
     images = _memory_source()
 
     class SlowSource:
@@ -333,6 +336,8 @@ def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path):
     assert "data_wait_ms" not in rows[0]  # the first step (compilation) is not timed
     for row in rows[1:]:
         assert row["data_wait_ms"] >= 200 and 0 < row["data_wait_fraction"] <= 1, row
+    assert "model: formulation subpixel_vjp (configured 'auto'), micro-batch 1" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "formulation" in r.getMessage()]
 
 
 # ---------------------------------------------------------------------------------------------------------- slow

@@ -124,6 +124,11 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         initial_params = objective.init_params(lens_setup.pretrained, lens_setup.feature_norm,
                                                jax.random.key(int(config.seed)), image_size,
                                                init_lens_from_pretrained=bool(config.lens.init_from_pretrained))
+    log.info("model: formulation %s (configured %r), micro-batch %s, compute dtype %s; %d %s device(s)",
+             model.resolved_formulation(), model.formulation, model.resolved_micro_batch() or "whole batch",
+             np.dtype(model.dtype).name, jax.device_count(), jax.default_backend())
+    if (slow := model.speed_warning()) is not None:
+        log.warning("%s", slow)
     evaluators = build_evaluators(config, objective_name)
     train_step = make_train_step(model, optimizer, loss=config.loss, crop_steps=config.crop_steps, mesh=mesh,
                                  objective=objective, scan_crops=bool(config.get("scan_crops", False)))
