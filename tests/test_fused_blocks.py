@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from cellssl_jax.models import fused_blocks
 from cellssl_jax.models.convae import _conv_reference, max_pool_2x2
@@ -210,8 +211,6 @@ _TRITON = "__gpu$xla.gpu.triton"
 
 def _triton_kernels_for_cuda(fn, *args) -> list[str]:
     """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA, one entry per kernel call."""
-    from jax import export  # noqa: PLC0415
-
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON)])(*args)
     module = exported.mlir_module()

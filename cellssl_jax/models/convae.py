@@ -68,8 +68,8 @@ FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "fused_1ch", "
 # Those whose middle layers are XLA's own convolutions (autodiff): plain and the ones that change the one-channel
 # layers (the fused ones fall back to plain_1ch's products where a fused block does not apply).
 _XLA_CONVS = ("plain", "plain_1ch", "fused_1ch", "fused_subpixel")
-# What was measured for the other formulations on the 2-core CPU (BENCHMARKS.md, "Training step vs PyTorch"): the
-# training loop warns with it when one of them is configured there.
+# Every formulation slower than auto's choice on the 2-core CPU, with what was measured (BENCHMARKS.md, "Training step
+# vs PyTorch"): the training loop warns with it when one of them is configured there.
 _SLOW_ON_CPU = {
     "subpixel": "1.1x PyTorch at batch 64 and 256",
     "plain_1ch": "6.8 images/s against auto's 10.1 at batch 64",
@@ -357,11 +357,11 @@ class ConvAE(nn.Module):
 
     def speed_warning(self) -> str | None:
         """Why this formulation is a slow choice on this backend, as measured (BENCHMARKS.md); None when it is not."""
-        if jax.default_backend() != "cpu" or self.formulation in ("auto", "subpixel_vjp"):
+        why = _SLOW_ON_CPU.get(self.formulation) if jax.default_backend() == "cpu" else None
+        if why is None:
             return None
-        why = _SLOW_ON_CPU.get(self.formulation, "")
         return (f"formulation {self.formulation!r} on the CPU is slower than 'auto' (subpixel_vjp here, 1.8x PyTorch "
-                f"eager at batch 64-256){': ' + why if why else ''}; it computes the same function")
+                f"eager at batch 64-256): {why}; it computes the same function")
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""
