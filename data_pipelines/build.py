@@ -39,7 +39,9 @@ once more than `max_bad_fraction` of the manifest rows are bad):
   by default (`high_bit_depth='reject'`): any 16 -> 8 bit mapping is a choice about intensities that should be made
   knowingly. `high_bit_depth='rescale'` maps 0..65535 linearly onto 0..255 (to the nearest), the same mapping for
   every image so that intensities stay comparable across wells and time; data that use only 12 bits will look dark
-  and are better converted beforehand with a window of your choice;
+  and are better converted beforehand with a window of your choice. 16-bit colour files (RGB, gray+alpha), which PIL
+  reads as 8-bit keeping each sample's high byte, are refused alike under 'reject' and given that high byte under
+  'rescale';
 - a channel count other than the manifest's (bands of one image, pages of a multi-page TIFF, or one band per
   path_<ch> file), or channels of different sizes;
 - a size other than S x S when `size_mismatch='reject'`; `'resize'` (default) resizes each channel with PIL bilinear
@@ -220,6 +222,7 @@ def _read_planes(path: str, high_bit_depth: HighBitDepth, label: str | None) -> 
             for page in range(pages):
                 if page:
                     image.seek(page)
+                _refuse_silent_16_bit(image, path, prefix, high_bit_depth)
                 image.load()
                 found = _bands_as_uint8(image, path, prefix, high_bit_depth)
                 if pages > 1 and len(found) != 1:
@@ -233,6 +236,20 @@ def _read_planes(path: str, high_bit_depth: HighBitDepth, label: str | None) -> 
     except _DECODE_ERRORS as err:
         raise BadImage(path, f"{prefix}truncated or corrupt image ({type(err).__name__}: {err})") from err
     return planes
+
+
+def _refuse_silent_16_bit(image: Image.Image, path: str, prefix: str, high_bit_depth: HighBitDepth) -> None:
+    """PIL opens 16-bit colour files (RGB, gray+alpha) as 8-bit modes and keeps only the high byte of each sample;
+    the decoder's raw mode ('RGB;16B', 'LA;16B') still says what the file holds. Under 'reject' that is refused like
+    16-bit gray; under 'rescale' the high byte (v // 256, within one level of the linear map) is taken."""
+    if image.mode not in _EIGHT_BIT_MODES or high_bit_depth != "reject":
+        return
+    for tile in getattr(image, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw_mode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+        if isinstance(raw_mode, str) and ";16" in raw_mode:
+            raise BadImage(path, f"{prefix}16-bit image (mode {image.mode}, stored as {raw_mode}), 8-bit expected; "
+                                 "high_bit_depth='rescale' accepts it (PIL keeps the high byte of 16-bit colour)")
 
 
 def _bands_as_uint8(image: Image.Image, path: str, prefix: str, high_bit_depth: HighBitDepth) -> list[np.ndarray]:
@@ -387,6 +404,8 @@ class PlateImages(tfds.core.GeneratorBasedBuilder):
                         raise _TooManyBad(len(self.quarantine), row_id + 1, rows, allowed_bad)
                     continue
                 yield row_id, {"image": encoded, "row_id": row_id}
+        if rows and len(self.quarantine) == rows:  # TFDS cannot write an empty split (it asserts)
+            raise _TooManyBad(len(self.quarantine), rows, rows, allowed_bad)
 
 
 class _ArrayRecordWriter(tfds.core.writer.ExampleWriter):
@@ -423,7 +442,9 @@ def image_feature(shape: tuple[int, int, int], encoding: ImageEncoding) -> tfds.
 
 class _TooManyBad(Exception):
     def __init__(self, bad: int, seen: int, rows: int, allowed: int):
-        super().__init__(f"{bad} bad images in the first {seen} of {rows} rows; at most {allowed} allowed")
+        what = (f"all {rows} images are bad: nothing to write" if bad == rows
+                else f"{bad} bad images in the first {seen} of {rows} rows; at most {allowed} allowed")
+        super().__init__(what)
         self.bad, self.seen, self.rows, self.allowed = bad, seen, rows, allowed
 
 
@@ -483,8 +504,8 @@ def build_dataset(manifest: Manifest | str | os.PathLike, out_dir: str | os.Path
     """Builds the dataset described in the module docstring and returns counts and timing.
 
     ``manifest`` is a validated Manifest or a path given to load_manifest (ManifestError on bad input).
-    Raises BuildError when more than ``options.max_bad_fraction`` of the rows are bad (quarantine.csv is still
-    written, and no dataset is left behind), when ``out_dir`` holds a previous build and ``overwrite`` is off, or
+    Raises BuildError when more than ``options.max_bad_fraction`` of the rows are bad, or every row is
+    (quarantine.csv is still written, and no dataset is left behind), when ``out_dir`` holds a previous build and ``overwrite`` is off, or
     when PNG is asked for more than 4 channels.
     """
     options = options or BuildOptions()
@@ -505,9 +526,12 @@ def build_dataset(manifest: Manifest | str | os.PathLike, out_dir: str | os.Path
     except _TooManyBad as too_many:
         _write_quarantine(out, builder.quarantine)
         shutil.rmtree(out / TFDS_SUBDIR, ignore_errors=True)
-        examples = "; ".join(f"row {r} {p}: {why}" for r, p, why in builder.quarantine[:3])
+        examples = "; ".join(f"{manifest.row_label(r)} (row_id {r}) {p}: {why}"
+                             for r, p, why in builder.quarantine[:3])
+        where = f" of {manifest.source}" if manifest.source is not None else ""
         raise BuildError(
-            f"build stopped: {too_many} (max_bad_fraction={options.max_bad_fraction} of {too_many.rows} rows). "
+            f"build stopped: {too_many} (max_bad_fraction={options.max_bad_fraction} of {too_many.rows} rows"
+            f"{where}). "
             f"Bad images so far are listed in {out / 'quarantine.csv'}; e.g. {examples}") from None
     seconds = time.perf_counter() - start
 

@@ -12,7 +12,8 @@ Channels:
   (or the order of the ``channels`` argument, which may also select a subset), recorded by name.
 - a single ``path`` column: one file per row holding every channel, either as bands of one image (grayscale L,
   RGB, ...) or as the pages of a multi-page TIFF (pages = channels). The names come from the ``channels``
-  argument or default to c0, c1, ...; when ``channels`` is not given the count is read from the first row's file.
+  argument or default to c0, c1, ...; when ``channels`` is not given the count is read from the first row's file
+  that opens (a broken one is left to the build's quarantine).
 
 Relative paths (``path``, ``path_*`` and any ``*_path`` column) resolve against the manifest file's directory;
 the validated frame holds absolute paths so that a copy of it stays usable wherever it is written.
@@ -38,6 +39,9 @@ CHANNEL_PATH_PREFIX = "path_"
 PLATE, WELL, SITE = "Metadata_Plate", "Metadata_Well", "Metadata_Site"
 CELL_LINE, DRUG = "Metadata_CellLine", "Metadata_Drug"
 CONCENTRATION, TIME = "Metadata_Concentration_uM", "Metadata_Time_h"
+# Tiles cut from one image (morpho-learner's 64x64 pieces; data_pipelines.original_layout) share plate, well, site
+# and time: when this column is present it is part of what makes an image unique.
+PIECE = "Metadata_Piece"
 REQUIRED_METADATA = (PLATE, WELL, SITE, CELL_LINE, DRUG, CONCENTRATION, TIME)
 _TEXT_METADATA = (PLATE, WELL, CELL_LINE, DRUG)
 _NUMERIC_METADATA = (SITE, CONCENTRATION, TIME)
@@ -174,7 +178,8 @@ def validate(frame: pd.DataFrame, *, source: str | os.PathLike | None = None,
     Checks: required columns; path columns (``path`` xor ``path_<ch>``); empty values; files exist
     (``check_files``); wells fit the plate format (``plate_format`` 96, 384, or 'auto': 96 when all of a plate's
     wells fit it, else 384) and are normalised to zero-padded 'B07'; site is a non-negative integer; dose is a
-    finite number >= 0 and time a finite number; no two rows share a file, nor plate/well/site/time; every plate
+    finite number >= 0 and time a finite number; no two rows share a file, nor plate/well/site/time (and
+    ``Metadata_Piece``, the tile of a cut image, when that column is present); every plate
     has at least one well of a control drug (``controls``, case-insensitive; default DMSO).
 
     Args:
@@ -208,6 +213,12 @@ def validate(frame: pd.DataFrame, *, source: str | os.PathLike | None = None,
 
     frame = frame.reset_index(drop=True).copy()
     base = os.path.abspath(base_dir) if base_dir is not None else os.getcwd()
+    if source_path is not None and source_path.is_dir() and PATH_COLUMN in frame.columns:
+        # Rows of a table made from a folder (read_original_layout) mean nothing to the user: name the file too.
+        row_of, files = label, frame[PATH_COLUMN].astype("str").tolist()
+
+        def label(i):
+            return f"{row_of(i)} ({files[int(i)]})"
 
     # --- text identifiers
     for col in _TEXT_METADATA:
@@ -250,6 +261,8 @@ def validate(frame: pd.DataFrame, *, source: str | os.PathLike | None = None,
     key_ok = (~pd.isna(wells) & (frame[PLATE] != "").to_numpy() & np.isfinite(site.to_numpy())
               & np.isfinite(time.to_numpy()))
     keys = pd.DataFrame({PLATE: frame[PLATE], WELL: frame[WELL], SITE: site, TIME: time})
+    if PIECE in frame.columns:
+        keys[PIECE] = frame[PIECE].to_numpy()
     _check_duplicate_keys(keys, np.flatnonzero(key_ok), label, problems)
 
     # --- every plate needs DMSO (or another control) wells: distances and effects are measured against them
@@ -262,8 +275,8 @@ def validate(frame: pd.DataFrame, *, source: str | os.PathLike | None = None,
     frame[CONCENTRATION] = dose.astype("float64")
     frame[TIME] = time.astype("float64")
 
-    if names is None:  # one file per row and no names given: count the channels in the first file
-        count = probe_channel_count(frame.at[0, PATH_COLUMN], label(0), source_name)
+    if names is None:  # one file per row and no names given: count the channels in the first readable file
+        count = _probe_first_readable(frame[PATH_COLUMN].tolist(), label, source_name)
         names = tuple(f"c{k}" for k in range(count))
     return Manifest(frame=frame, channels=tuple(names), channel_columns=tuple(channel_columns),
                     source=source_path)
@@ -280,6 +293,21 @@ def probe_channel_count(path: str, row_label: str = "row 1", source: str = "<man
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing here
         raise ManifestError(source, [f"{row_label}: cannot read {path} to count its channels ({err}); "
                                      "pass channels=[...]"]) from err
+
+
+# A bad image is the build's to quarantine, not a reason to refuse the manifest: the channel count is read from the
+# first file that opens, looking at most this many rows far.
+_MAX_PROBED_FILES = 100
+
+
+def _probe_first_readable(paths: list[str], label, source_name: str) -> int:
+    first_error = None
+    for i, path in enumerate(paths[:_MAX_PROBED_FILES]):
+        try:
+            return probe_channel_count(path, label(i), source_name)
+        except ManifestError as err:
+            first_error = first_error or err
+    raise first_error
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -415,14 +443,15 @@ def _check_duplicate_files(frame: pd.DataFrame, channel_columns, label, problems
 
 def _check_duplicate_keys(keys: pd.DataFrame, rows: np.ndarray, label, problems: _ProblemList) -> None:
     subset = keys.iloc[rows]
-    group = subset.groupby(list(keys.columns), sort=False).ngroup().to_numpy()
+    group = subset.groupby(list(keys.columns), sort=False, dropna=False).ngroup().to_numpy()
     first_of_group = pd.Series(rows).groupby(group).transform("min").to_numpy()
     for i, j in zip(rows, first_of_group):
         if i == j:
             continue
-        problems.add(i, f"{label(i)}: duplicate plate/well/site/time "
+        piece = f", piece {keys.at[i, PIECE]}" if PIECE in keys.columns else ""
+        problems.add(i, f"{label(i)}: duplicate plate/well/site/time{'/piece' if piece else ''} "
                         f"({keys.at[i, PLATE]!r}, {keys.at[i, WELL]!r}, site {keys.at[i, SITE]:g}, "
-                        f"{keys.at[i, TIME]:g} h) already at {label(j)}")
+                        f"{keys.at[i, TIME]:g} h{piece}) already at {label(j)}")
 
 
 def _check_controls(frame: pd.DataFrame, controls: Sequence[str], label, problems: _ProblemList) -> None:

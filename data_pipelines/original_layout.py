@@ -198,6 +198,10 @@ def _attach_plate_metadata(table: pd.DataFrame, metadata_dir: Path, unmapped_wel
             elif norm in by_well:
                 problems.append(f"{csv} line {line}: well {norm} listed twice")
             elif drug.strip():
+                value = pd.to_numeric(pd.Series([dose]), errors="coerce").iloc[0]
+                if not np.isfinite(value) or value < 0:
+                    shown = "is empty" if pd.isna(dose) else f"{dose!r} is not a dose >= 0"
+                    problems.append(f"{csv} line {line}: Final_conc_uM of well {norm} ({drug.strip()}) {shown}")
                 by_well[norm] = (drug.strip(), dose)
         for i in idx:
             entry = by_well.get(table.at[i, "well"])

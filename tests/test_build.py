@@ -419,3 +419,45 @@ def test_a_per_channel_file_with_several_bands_is_quarantined_by_column(tmp_path
     quarantine = pd.read_csv(tmp_path / "ds" / "quarantine.csv")
     assert list(quarantine["row_id"]) == [2] and quarantine.at[0, "path"].endswith("2_RNA.png")
     assert quarantine.at[0, "reason"].startswith("path_RNA: wrong channel count: 3 bands or pages, 1 expected")
+
+
+def _png_16_bit_rgb(path: Path, wide: np.ndarray) -> None:
+    """A 16-bit RGB PNG (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    height, width, _ = wide.shape
+    raw = b"".join(b"\x00" + wide[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_is_refused_unless_rescaled(tmp_path):
+    wide = np.random.default_rng(0).integers(0, 65536, (SIZE, SIZE, 3)).astype(np.uint16)
+    _png_16_bit_rgb(tmp_path / "1.png", wide)
+    Image.fromarray(_noise(0, (SIZE, SIZE, 3))).save(tmp_path / "0.png")
+    path = _write_manifest(tmp_path, [{"path": "0.png", **_meta(0)}, {"path": "1.png", **_meta(1)}])
+    report = _build(path, tmp_path / "ds", max_bad_fraction=0.5)  # PIL opens it as 8-bit RGB
+    assert report.num_quarantined == 1
+    assert "16-bit image (mode RGB, stored as RGB;16B)" in pd.read_csv(tmp_path / "ds" / "quarantine.csv").reason[0]
+    _build(path, tmp_path / "ds2", high_bit_depth="rescale")
+    np.testing.assert_array_equal(_by_row_id(tmp_path / "ds2")[1], wide >> 8)
+
+
+def test_a_build_where_every_image_is_bad_fails_with_a_build_error(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    path = _write_manifest(tmp_path, [{"path": f"{i}.png", **_meta(i)} for i in range(3)])
+    with pytest.raises(BuildError, match=r"all 3 images are bad.*line 2 \(row_id 0\) .*0\.png: not a readable"):
+        _build(path, tmp_path / "ds", channels=["phase"], max_bad_fraction=1.0)
+    assert len(pd.read_csv(tmp_path / "ds" / "quarantine.csv")) == 3 and not (tmp_path / "ds" / "tfds").exists()
+
+
+def test_the_failed_build_names_the_manifest_and_its_line(tmp_path):
+    manifest_path, _ = _plate_with_bad_images(tmp_path)
+    with pytest.raises(BuildError, match=rf"of {manifest_path.resolve()}\)\..* e\.g\. line 4 \(row_id 2\) "):
+        _build(manifest_path, tmp_path / "ds", channels=["phase"], max_bad_fraction=0.1)

@@ -233,3 +233,48 @@ def test_read_original_layout_reports_names_that_do_not_parse(tmp_path):
         read_original_layout(tmp_path / "images", tmp_path / "metadata")
     m = read_original_layout(tmp_path / "images", tmp_path / "metadata", ignore_unmatched_names=True)
     assert len(m) == 6
+
+
+def test_read_original_layout_keeps_the_pieces_of_cut_images(tmp_path):
+    # morpho-learner's 64x64 cuts: same plate, well, site and time, one file per piece
+    when = dt.datetime(2019, 9, 1, 14, 5)
+    for well, drug, dose in (("A3", "Docetaxel", 0.11), ("B4", "DMSO", 367.0)):
+        for piece in (1, 2):
+            name = example_filename("ACHN", "CL1", "P1", well, 1, when, drug=drug, concentration_uM=dose)
+            _png(tmp_path / "cut" / name.replace(".jpg", f"_{piece}.jpg"), piece)
+    m = read_original_layout(tmp_path / "cut", None)
+    assert sorted(zip(m.frame["Metadata_Well"], m.frame["Metadata_Piece"])) == \
+        [("A03", 1), ("A03", 2), ("B04", 1), ("B04", 2)]
+    # ... and a manifest with the same piece twice is still a duplicate
+    rows = [_row("a.png", "B2", Metadata_Piece=1), _row("b.png", "B2", Metadata_Piece=1),
+            _row("c.png", "B2", Metadata_Piece=np.nan), _row("d.png", "B2", Metadata_Piece=np.nan)]
+    with pytest.raises(ManifestError) as caught:
+        validate(pd.DataFrame(rows), check_files=False, channels=["phase"])
+    assert caught.value.total == 2 and "row 2: duplicate plate/well/site/time/piece" in str(caught.value)
+    assert "row 4: duplicate" in str(caught.value)
+
+
+def test_channel_count_is_read_from_the_first_file_that_opens(tmp_path):
+    (tmp_path / "0.png").write_bytes(b"")  # broken: left to the build's quarantine
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "1.png")
+    rows = [_row("0.png", "B2"), _row("1.png", "B3")]
+    assert validate(pd.DataFrame(rows), base_dir=tmp_path).channels == ("c0", "c1", "c2")
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    with pytest.raises(ManifestError, match=r"row 1: cannot read .*0\.png to count its channels"):
+        validate(pd.DataFrame(rows), base_dir=tmp_path)
+
+
+def test_read_original_layout_problems_name_the_image_or_the_metadata_line(tmp_path):
+    when = dt.datetime(2019, 8, 30, 0, 21)
+    for batch in ("batch_1", "batch_2"):  # the same image in two folders
+        _png(tmp_path / "images" / batch / example_filename("ACHN", "CL3", "P2", "C15", 1, when))
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    pd.DataFrame({"Well": ["C15"], "Drug": ["DMSO"], "Final_conc_uM": [367.0]}).to_csv(meta / "ACHN_CL3_P2.csv",
+                                                                                      index=False)
+    with pytest.raises(ManifestError, match=r"row 2 \(\S*batch_2\S*\.jpg\): duplicate .* at row 1 \(\S*batch_1"):
+        read_original_layout(tmp_path / "images", meta)
+    pd.DataFrame({"Well": ["C15"], "Drug": ["DMSO"], "Final_conc_uM": [np.nan]}).to_csv(meta / "ACHN_CL3_P2.csv",
+                                                                                       index=False)
+    with pytest.raises(ManifestError, match=r"ACHN_CL3_P2\.csv line 2: Final_conc_uM of well C15 \(DMSO\) is empty"):
+        read_original_layout(tmp_path / "images" / "batch_1", meta)
