@@ -135,8 +135,10 @@ def main(argv=None):
                    help="dmso (default): each feature in units of its DMSO replicate spread on the plate, near-constant "
                         "features dropped (measured best on the synthetic plate with pooled features); none: raw "
                         "features, as the paper")
-    p.add_argument("--scale", default=None, help="curve scaling; 'cell_drug' is the paper's (see docs)")
-    p.add_argument("--method", default="kmeans", choices=["kmeans", "kmedoids", "average"])
+    p.add_argument("--scale", default=None, choices=["noise", "plate", "cell_drug", "none"],
+                   help="curve scaling (default: noise, units of the plate's DMSO-vs-DMSO noise); 'cell_drug' is the "
+                        "paper's (cellssl_jax.temporal.distances.scale_series)")
+    p.add_argument("--method", default="kmeans", choices=["kmeans", "kmedoids", "average_linkage"])
     p.add_argument("--k", type=int, default=None, help="number of clusters (default: chosen by DTW silhouette)")
     p.add_argument("--window", type=int, default=None, help="Sakoe–Chiba radius (default: unconstrained, as the paper)")
     p.add_argument("--paper-faithful", action="store_true", help="floor control-time matching, as the original")

@@ -171,3 +171,46 @@ def test_two_jax_processes_write_the_same_features_as_one(dataset, tmp_path):
     fcols = [c for c in a.columns if c.startswith("f")]
     np.testing.assert_allclose(a[fcols].to_numpy(), b[fcols].to_numpy(), atol=1e-6)
     assert a["Metadata_Extra"].tolist() == b["Metadata_Extra"].tolist()
+
+
+def test_text_metadata_with_missing_values_is_written(tmp_path):
+    """The dataset manifest comes back from Parquet with pandas' string dtype, whose missing value is NaN: an optional
+    text column (empty in the first batch, filled in a later one) must be written as nulls in one schema."""
+    import io
+
+    from cellssl_jax.features import extract
+
+    manifest = pd.DataFrame({"Metadata_Well": ["A01", "A02", "A03", "A04"],
+                             "Metadata_Note": [None, None, "edge well", None]})
+    buf = io.BytesIO()
+    manifest.to_parquet(buf)
+    manifest = pd.read_parquet(io.BytesIO(buf.getvalue()))  # as load_dataset_manifest reads it
+    path = tmp_path / "f.parquet"
+    writer = extract._ModeWriter(path, extract.column_names(3), {}, extract.metadata_types(manifest))
+    for start in (0, 2):  # two batches, as extract_features writes them
+        writer.write(manifest.iloc[start:start + 2].reset_index(drop=True), np.zeros((2, 3), np.float32))
+    writer.close()
+    back = pd.read_parquet(path)
+    assert back["Metadata_Note"].isna().tolist() == [True, True, False, True]
+    assert back["Metadata_Note"].iloc[2] == "edge well"
+
+
+def test_a_lens_run_gives_the_features_of_its_frozen_pretrained_encoder(dataset, tmp_path):
+    """`evaluate.py features --checkpoint <lens run>` used to hand the lens run's whole parameter tree to the ConvAE
+    (a flax ScopeParamNotFoundError); its features are those of the frozen encoder the lens was trained against."""
+    from cellssl_jax.features import extract_from_checkpoint
+    from cellssl_jax.training.checkpoint import save_params_checkpoint
+
+    model = ConvAE(**SMALL)
+    pretrained = init_params(model, jax.random.key(0), image_size=32)
+    lens = init_params(model, jax.random.key(1), image_size=32)
+    model_config = {**SMALL, "image_size": 32}
+    save_params_checkpoint(tmp_path / "pretrained", pretrained, model_config)
+    save_params_checkpoint(tmp_path / "lens", {"lens": lens, "pretrained": pretrained,
+                                               "classifier": {"kernel": np.zeros((256, 3), np.float32)},
+                                               "feature_norm": {"mean": np.zeros(256, np.float32)}}, model_config)
+    kwargs = dict(mode="latent", batch_size=4, image_size=32, progress=False)
+    want = pd.read_parquet(extract_from_checkpoint(tmp_path / "pretrained", dataset, tmp_path / "p.parquet", **kwargs))
+    got_path = extract_from_checkpoint(tmp_path / "lens", dataset, tmp_path / "l.parquet", **kwargs)
+    pd.testing.assert_frame_equal(pd.read_parquet(got_path), want)
+    assert "frozen pretrained encoder" in read_feature_metadata(got_path)["encoder"]

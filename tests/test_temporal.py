@@ -13,6 +13,7 @@ import json
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -572,3 +573,60 @@ def test_mapping_file_overrides_rules(pipeline_run, tmp_path):
     assert result["cluster_effects"] == mapping
     with pytest.raises(ValueError, match="give k"):
         run_temporal(distances=out / "run" / "distances.csv", out_dir=tmp_path / "x", mapping=path)
+
+
+def test_cli_runs_with_its_defaults_and_offers_exactly_the_library_choices(pipeline_run, tmp_path, capsys):
+    """``evaluate.py temporal`` without --scale runs the default scale (it used to pass None and fail), and its
+    --scale/--method choices are the library's (it offered a method 'average' that no code knew)."""
+    out, _ = pipeline_run
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).resolve().parents[1] / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit):
+        cli.main(["temporal", "--help"])
+    usage = capsys.readouterr().out
+    assert "{" + ",".join(clustering.METHODS) + "}" in usage
+    assert set(usage.split("--scale {")[1].split("}")[0].split(",")) == set(curves.SCALES)
+    cli.main(["temporal", "--distances", str(out / "run" / "distances.csv"), "--out", str(tmp_path / "cli"),
+              "--k", "4", "--window", str(WINDOW), "--method", "average_linkage"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["options"]["scale"] == curves.DEFAULT_SCALE
+    assert summary["options"]["method"] == "average_linkage"
+
+
+def test_rerun_in_the_same_folder_leaves_no_stale_figures(pipeline_run, tmp_path):
+    out, _ = pipeline_run
+    stale = tmp_path / "rerun" / "figures" / "confusion.png"  # e.g. from an earlier run with --ground-truth
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    result = run_temporal(distances=out / "run" / "distances.csv", out_dir=tmp_path / "rerun", k=4, window=WINDOW,
+                          figures=False, progress=False)
+    assert not stale.exists()
+    assert "figures/confusion.png" not in result["files"]
+
+
+def test_drug_times_without_a_control_image_nearby_are_flagged():
+    table, _ = make_plate_tables(("ACHN",), n_features=8, n_rep=2, n_dmso=4, n_sites=1)
+    is_dmso = table["Metadata_Drug"] == "DMSO"
+    times = table["Metadata_Time_h"]
+    for name, keep in (("control wells stop at 40 h", ~is_dmso | (times < 40)),
+                       ("control images missing 20-50 h", ~is_dmso | (times < 20) | (times > 50))):
+        with pytest.warns(UserWarning, match="no DMSO image within one control frame interval"):
+            curves.distances_from_features(table[keep.to_numpy()], progress=False)
+    for floor in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a complete plate, wells imaged a little off the nominal times: silent
+            curves.distances_from_features(table, progress=False, paper_faithful=floor)
+    gaps = curves.unmatched_control_times([0.1, 2.2, 9.0], [0.0, 2.0, 4.0])
+    np.testing.assert_allclose(gaps, [0.0, 0.0, 5.0])
+
+
+def test_select_k_skips_k_above_the_number_of_distinct_series():
+    x = np.linspace(0, 1, 20)
+    series = np.stack([x, x, x, 1 - x, 1 - x])  # 2 distinct curves: k-means cannot fill 3 clusters
+    table, results, best_k = clustering.select_k(series, range(2, 5), progress=False)
+    assert table["k"].tolist() == [2] and best_k == 2
+    with pytest.raises(ValueError, match="2 distinct"):
+        clustering.select_k(series, [3], progress=False)
+    with pytest.raises(RuntimeError, match="2 of them distinct"):
+        clustering.kmeans_dtw(series, 3)

@@ -60,7 +60,7 @@ def load_encoder(spec: str | Path, image_size: int = 128):
     import jax
 
     from cellssl_jax.models.convae import init_params, model_from_config
-    from cellssl_jax.training.checkpoint import load_params
+    from cellssl_jax.training.checkpoint import load_encoder_params
 
     text = str(spec)
     if text == RANDOM or text.startswith(RANDOM + ":"):
@@ -70,10 +70,8 @@ def load_encoder(spec: str | Path, image_size: int = 128):
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"encoder {text!r}: no such checkpoint folder (or use 'random[:SEED]')")
-    params, model_cfg = load_params(path)
-    if set(params) >= {"pretrained", "lens"}:  # a lens run: its frozen ConvAE is the encoder
-        params = params["pretrained"]
-    return params, model_from_config(model_cfg), str(path)
+    params, model_cfg, description = load_encoder_params(path)
+    return params, model_from_config(model_cfg), description
 
 
 def extract_encoder_features(encoders: Mapping[str, str | Path], dataset_dir: str | Path, out_dir: str | Path,

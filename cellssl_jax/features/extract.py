@@ -171,12 +171,15 @@ def extract_features(
                    in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))
 
+    # One Arrow type per metadata column, from the whole manifest: a batch whose optional text column is empty (or
+    # holds a missing value, NaN under pandas' string dtype) must not fail or change the file's schema mid-write.
+    meta_types = metadata_types(manifest[meta_cols])
     writers: dict[str, _ModeWriter] = {}
     for m, path in outputs.items():
         names = feature_names(model, m, layers, image_size)
         record = {"mode": m, "layers": list(layers) if m == "pooled" else ["latent"], "feature_names": names,
                   "image_size": image_size, **(provenance or {})}
-        writers[m] = _ModeWriter(path, column_names(len(names)), record)
+        writers[m] = _ModeWriter(path, column_names(len(names)), record, meta_types)
 
     n_images = len(source)
     written = 0
@@ -218,13 +221,13 @@ def extract_features(
 class _ModeWriter:
     """A ParquetWriter opened on the first batch (the schema comes from the first table)."""
 
-    def __init__(self, path: Path, columns: list[str], record: dict):
-        self.path, self.columns = path, columns
+    def __init__(self, path: Path, columns: list[str], record: dict, meta_types: dict | None = None):
+        self.path, self.columns, self.meta_types = path, columns, meta_types or {}
         self.schema_meta = {"cellssl_jax.features": json.dumps(record)}
         self._writer = None
 
     def write(self, meta: pd.DataFrame, feats: np.ndarray) -> None:
-        table = _table(meta, feats, self.columns, self.schema_meta)
+        table = _table(meta, feats, self.columns, self.schema_meta, self.meta_types)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
@@ -235,8 +238,15 @@ class _ModeWriter:
             self._writer.close()
 
 
-def _table(meta: pd.DataFrame, feats: np.ndarray, columns: list[str], schema_meta: dict) -> pa.Table:
-    arrays = [pa.array(meta[c].to_numpy()) for c in meta.columns]
+def metadata_types(meta: pd.DataFrame) -> dict:
+    """The Arrow type of every metadata column, read off all its rows (missing values are nulls)."""
+    return {c: pa.array(meta[c].to_numpy(), from_pandas=True).type for c in meta.columns}
+
+
+def _table(meta: pd.DataFrame, feats: np.ndarray, columns: list[str], schema_meta: dict,
+           meta_types: dict | None = None) -> pa.Table:
+    meta_types = meta_types or {}
+    arrays = [pa.array(meta[c].to_numpy(), type=meta_types.get(c), from_pandas=True) for c in meta.columns]
     arrays += [pa.array(feats[:, i].astype(np.float32)) for i in range(feats.shape[1])]
     table = pa.Table.from_arrays(arrays, names=list(meta.columns) + columns)
     return table.replace_schema_metadata(schema_meta)
@@ -250,11 +260,14 @@ def read_feature_metadata(path: str | Path) -> dict:
 
 
 def extract_from_checkpoint(checkpoint: str | Path, dataset_dir: str | Path, out_path, **kwargs):
-    """Load parameters and model config from any checkpoint the project writes (trained or imported) and extract."""
+    """Load parameters and model config from any checkpoint the project writes (trained, imported, or a lens run:
+    its frozen pretrained encoder; ``training.checkpoint.load_encoder_params``) and extract."""
     from cellssl_jax.models.convae import model_from_config
-    from cellssl_jax.training.checkpoint import load_params
+    from cellssl_jax.training.checkpoint import load_encoder_params
 
-    params, model_cfg = load_params(checkpoint)
+    params, model_cfg, description = load_encoder_params(checkpoint)
+    if description != str(checkpoint):
+        log.info("features of %s", description)
     model = model_from_config(model_cfg)
     return extract_features(params, model, dataset_dir, out_path,
-                            provenance={"checkpoint": str(checkpoint)}, **kwargs)
+                            provenance={"checkpoint": str(checkpoint), "encoder": description}, **kwargs)

@@ -166,7 +166,9 @@ def kmeans_dtw(series: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 50,
         if best is None or inertia < best[1]:
             best = (centers.copy(), inertia, n_iter)
     if best is None:
-        raise RuntimeError(f"k-means (k={k}) left a cluster empty in all {attempts} attempts")
+        n_distinct = len(np.unique(series, axis=0))
+        raise RuntimeError(f"k-means (k={k}) left a cluster empty in all {attempts} attempts ({len(series)} series, "
+                           f"{n_distinct} of them distinct)")
     centers, inertia, n_iter = best
     labels, _ = _assign(series, centers, window)  # tslearn's last assignment to the final centres
     return ClusterResult("kmeans", k, labels, centers, inertia=inertia, n_iter=n_iter)
@@ -306,16 +308,21 @@ def select_k(series: np.ndarray, k_values, *, method: str = "kmeans", dist: np.n
     if dist is None:
         dist = np.asarray(dtw.distance_matrix(series, window=window))
     rows, results = [], {}
+    # k-means cannot fill more clusters than there are distinct series (identical series share every centre)
+    n_distinct = len(np.unique(series, axis=0)) if method == "kmeans" else len(series)
     for k in tqdm(list(k_values), desc=f"{method} over k", disable=not progress):
         if k > len(series):
             log.warning("skipping k=%d: only %d series", k, len(series))
+            continue
+        if k > n_distinct:
+            log.warning("skipping k=%d: only %d distinct series of %d", k, n_distinct, len(series))
             continue
         res = cluster_series(series, k, method=method, dist=dist, window=window, seed=seed)
         results[k] = res
         rows.append(dict(k=k, n_clusters_found=len(np.unique(res.labels)), inertia=res.inertia,
                          **selection_metrics(series, dist, res.labels)))
     if not rows:
-        raise ValueError(f"no k in {list(k_values)} fits {len(series)} series")
+        raise ValueError(f"no k in {list(k_values)} fits {len(series)} series ({n_distinct} distinct)")
     table = pd.DataFrame(rows)
     scores = table["silhouette_dtw"].to_numpy()
     best_k = int(table["k"].iloc[int(np.nanargmax(scores))]) if np.isfinite(scores).any() else int(table["k"].iloc[0])

@@ -272,6 +272,19 @@ def _distance_rows(drug_traj: Trajectory, control: Trajectory, *, metric: str, f
     return drug_traj.time_h, rowwise_distance(drug_traj.profiles, control.profiles[idx], metric)
 
 
+def unmatched_control_times(times: np.ndarray, control_times: np.ndarray, *, floor: bool = False) -> np.ndarray:
+    """How far (h) each time in ``times`` lies from its matched control time, where that is more than one control
+    frame interval (the median step of ``control_times``); 0 elsewhere. Non-zero entries are compared with a control
+    image of another time: the plate's control wells miss images there (or stop earlier than the drug wells)."""
+    control_times = np.asarray(control_times, dtype=float)
+    times = np.asarray(times, dtype=float)
+    if len(control_times) < 2:
+        return np.zeros(len(times))
+    interval = float(np.median(np.diff(control_times)))
+    gap = np.abs(times - control_times[control_time_index(times, control_times, floor=floor)])
+    return np.where(gap > interval, gap, 0.0)
+
+
 def split_halves(wells) -> tuple[list[str], list[str]]:
     """Deterministic split of wells into two halves: alternate in sorted name order (spreads plate positions)."""
     wells = sorted(wells)
@@ -305,13 +318,23 @@ def distances_for_plate(meta: pd.DataFrame, features: np.ndarray, *, metric: str
     ctrl_meta = meta[is_control]
     control = mean_trajectory(ctrl_meta, features[is_control], label=f"{plate} {CONTROL_DRUG}")
     out = []
+    unmatched = []  # (drug, concentration, points, largest gap) of the series compared with a control of another time
     groups = meta[~is_control].groupby([META_DRUG, META_CONC], sort=True).indices
     for (drug_name, conc), pos in groups.items():
         sel = np.flatnonzero(~is_control)[pos]
         traj = mean_trajectory(meta.iloc[sel], features[sel], label=f"{plate} {drug_name} {conc}")
         times, dist = _distance_rows(traj, control, metric=metric, floor=floor)
+        gaps = unmatched_control_times(times, control.time_h, floor=floor)
+        if gaps.any():
+            unmatched.append((drug_name, conc, int((gaps > 0).sum()), float(gaps.max())))
         out.append(pd.DataFrame({"drug": str(drug_name), "concentration_uM": float(conc), "time_h": times,
                                  "distance": dist}))
+    if unmatched:
+        worst = max(unmatched, key=lambda u: u[3])
+        warnings.warn(f"plate {plate!r}: {len(unmatched)} drug series have time points with no {CONTROL_DRUG} image "
+                      f"within one control frame interval (e.g. {worst[0]} {worst[1]}: {worst[2]} points, the "
+                      f"matched control time up to {worst[3]:.3g} h away; control images missing, or the control "
+                      f"wells stop before the drug wells): their distances compare different times", stacklevel=2)
     if noise_curve:
         half_a, half_b = split_halves(control.wells)
         if half_a and half_b:
@@ -545,7 +568,8 @@ def scale_series(meta: pd.DataFrame, values: np.ndarray, *, scale: str = DEFAULT
             if not len(noise_idx):
                 raise ValueError(f"scale='noise' needs the DMSO-vs-DMSO noise curve (rows with drug == "
                                  f"'{CONTROL_DRUG}') for cell line {cell!r}, plate {plate!r}; distances computed "
-                                 f"from features have it, otherwise choose scale='plate'")
+                                 f"from features have it when the plate has at least two {CONTROL_DRUG} wells "
+                                 f"(one half against the other), otherwise choose scale='plate'")
             ref = float(np.median(values[noise_idx]))
         if not np.isfinite(ref) or ref <= 0:
             warnings.warn(f"cell line {cell!r}, plate {plate!r}: no usable {scale} reference ({ref}); left unscaled",

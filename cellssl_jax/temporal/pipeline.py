@@ -48,7 +48,7 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     feature_scale: 'dmso' (default): every feature in units of its DMSO replicate spread on the plate, features
         without spread dropped; 'none': raw features (paper). Ignored for ``distances`` input.
     scale: 'noise' (default: units of the plate's DMSO-vs-DMSO noise), 'plate', 'cell_drug' (paper), 'none';
-        see ``distances.scale_series``.
+        see ``distances.scale_series``; None = the default.
     method: 'kmeans' (DTW + DBA, paper), 'kmedoids', 'average_linkage'.
     k: the number of clusters; None chooses it in ``k_range`` (inclusive) by the DTW silhouette.
     window: Sakoe–Chiba radius of every DTW; None = unconstrained (paper).
@@ -57,6 +57,7 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     mapping: JSON/CSV cluster → effect overriding the rules (needs ``k``, since ids refer to one clustering).
     figures: write the PNGs under ``out_dir/figures`` (the slowest step on a small machine).
     """
+    scale = curves.DEFAULT_SCALE if scale is None else scale
     if (features is None) == (distances is None):
         raise ValueError("give exactly one of features (Parquet) or distances (CSV)")
     if out_dir is None:
@@ -139,8 +140,11 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
             assigned["cell_line"], assigned["drug"], effects.concentration_key(assigned["concentration_uM"]))]
     assigned.to_csv(out / "clusters.csv", index=False)
 
-    # 6. figures (controls left out)
+    # 6. figures (controls left out); an earlier run's PNGs in the same folder go first, so that what lies in
+    # figures/ (and the summary's file list) is this run's alone
     figure_paths = []
+    for stale in sorted((out / "figures").glob("*.png")):
+        stale.unlink()
     if figures:
         figure_paths = _write_figures(out / "figures", values, chosen, cluster_table, k_table, best_k, assigned,
                                       score, seed=seed, title=f"{method}, k={chosen.k}, scale={scale}, metric={metric}",

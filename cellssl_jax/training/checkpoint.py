@@ -162,6 +162,19 @@ def load_params(checkpoint_path: str | Path, step: int | None = None) -> tuple[A
     return params, config["model"]
 
 
+def load_encoder_params(checkpoint_path: str | Path, step: int | None = None) -> tuple[Any, dict, str]:
+    """(params, model config, what they are) of the ConvAE whose encoder gives a run's features.
+
+    That is the run's own ConvAE, except for a lens run (configs/lens.py; params ``{'lens', 'classifier',
+    'pretrained', 'feature_norm'}``): the lens changes images, not the encoder, so its features are those of the
+    frozen pretrained ConvAE it was trained against (``export`` of a lens run writes the lens instead).
+    """
+    params, model_config = load_params(checkpoint_path, step)
+    if set(params) >= {"pretrained", "lens"}:
+        return params["pretrained"], model_config, f"{checkpoint_path} (a lens run: its frozen pretrained encoder)"
+    return params, model_config, str(checkpoint_path)
+
+
 def load_config(checkpoint_path: str | Path, step: int | None = None) -> dict:
     """The run config saved with a checkpoint (``{}`` when it has none), from a workdir or step folder."""
     return _read_json_item(find_step_dir(checkpoint_path, step) / "config") or {}
