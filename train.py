@@ -39,7 +39,7 @@ def main(argv):
         logging.error("training stopped: %s", err)
         sys.exit(3)
     logging.info("done: %s", {k: v for k, v in summary.items() if k != "plan"})
-    print(f"trained steps {summary['start_step']}→{summary['total_steps']} in {summary['wall_s']:.1f} s; "
+    print(f"trained steps {summary['start_step']}→{summary['end_step']} in {summary['wall_s']:.1f} s; "
           f"final loss {summary.get('final_loss', float('nan')):.5f}; "
           f"{summary.get('images_per_s', float('nan')):.1f} images/s; checkpoint step {summary['last_checkpoint']}")
 

@@ -313,3 +313,54 @@ def test_lens_trains_resumes_and_evaluates_on_held_out_wells(small_plate, tmp_pa
     for got, want in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(bundle.params["lens"])):
         np.testing.assert_array_equal(got, want)
     assert json.loads((out / "summary.json").read_text())["classes"] == list(bundle.classes)
+
+
+@pytest.mark.slow
+def test_a_two_class_lens_task_evaluates_with_top3_as_top_k(tmp_path):
+    """DMSO and one drug: 2 classes. Top-3 of 2 classes is top-2 (1.0), as chance_top3 and the probe grid count it;
+    the evaluation must not stop on "k=3 must be in [1, K=2]" after the whole grid, and selects probes on top-1."""
+    from ml_collections import ConfigDict
+
+    from cellssl_jax.lens import evaluate_lens
+    from cellssl_jax.training.checkpoint import save_params_checkpoint
+    from cellssl_jax.training.loop import train_and_evaluate
+    from configs.lens import get_config
+    from data_pipelines.build import BuildOptions, build_dataset
+    from data_pipelines.synthetic import render_plate
+
+    manifest = render_plate(tmp_path / "plate", "demo", seed=0, progress=False, cell_lines=["HT29"],
+                            drugs=["Cladribine"], n_concentrations=2, active_concentrations=1, replicates=4, n_dmso=4,
+                            n_pbs=0, frame_interval_h=20.0)
+    build_dataset(manifest, tmp_path / "dataset", BuildOptions(image_size=64), progress=False)
+    model = ConvAE(encoder_widths=(8, 8, 8), decoder_widths=(8, 8, 8))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    save_params_checkpoint(tmp_path / "pretrained", params,
+                           {"in_channels": 1, "encoder_widths": [8, 8, 8], "latent_channels": 4,
+                            "decoder_widths": [8, 8, 8], "formulation": "subpixel", "dtype": "float32"})
+    cfg = get_config()
+    cfg.dataset_dir, cfg.lens.pretrained = str(tmp_path / "dataset"), str(tmp_path / "pretrained")
+    cfg.input.size_crops, cfg.input.batch_size, cfg.lens.last_n = (32,), 8, 3
+    cfg.total_steps, cfg.image_every, cfg.log_every, cfg.checkpoint = 2, 0, 1, ConfigDict(
+        {"every_steps": 2, "keep": 1, "async": False})
+    train_and_evaluate(cfg, tmp_path / "lens")
+    summary = evaluate_lens(tmp_path / "lens", tmp_path / "dataset", tmp_path / "eval", probe_epochs=2, lrs=(1e-3,),
+                            batch_sizes=(8,), n_examples=2, progress=False)
+    assert summary["classes"] == ["DMSO", "Cladribine"] and summary["chance_top3"] == 1.0
+    assert summary["joint_classifier"]["top3_test"] == 1.0
+    assert {b["selected_on"] for b in summary["best_probe"].values()} == {"top1_val"}
+    assert all(b["top3_test"] == 1.0 for b in summary["best_probe"].values())
+    assert set(pd.read_csv(tmp_path / "eval" / "per_cell_line.csv").columns) >= {"top1", "top3"}
+
+
+@pytest.mark.parametrize("override", [("loss", "mse"), ("optimizer.name", "adamw")])
+def test_autoencoder_only_switches_are_refused_for_the_lens_not_ignored(override):
+    """--config.loss=mse or --config.optimizer.name=adamw on configs/lens.py would otherwise train the same BCE lens
+    with Adam and say nothing."""
+    from cellssl_jax.training.lens_setup import build_lens_setup
+    from configs.lens import get_config
+
+    cfg = get_config("demo")
+    section, _, name = override[0].rpartition(".")
+    (cfg[section] if section else cfg)[name] = override[1]
+    with pytest.raises(ValueError, match=override[0].replace(".", r"\.") + f"='{override[1]}'"):
+        build_lens_setup(cfg, source=None)

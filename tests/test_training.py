@@ -314,6 +314,19 @@ def test_finishing_on_device_trains_like_finishing_on_the_host(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(a))[:, :16], np.asarray(Image.open(b))[:, :16])
 
 
+def test_a_finite_input_stream_that_ends_early_keeps_its_last_steps(tmp_path):
+    """input.num_epochs=1 over 48 images of batch 8 ends the stream after 6 of the 12 steps: the state after step 6
+    is checkpointed and logged (not only the last every_steps checkpoint, 4), and the summary says where it ended."""
+    source = _memory_source()
+    cfg = _tiny_config(**{"total_steps": 12, "image_every": 0, "input.num_epochs": 1, "checkpoint.every_steps": 4,
+                          "log_every": 4})
+    summary = train_and_evaluate(cfg, tmp_path, source=source)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6] and summary["last_checkpoint"] == 6 and summary["end_step"] == 6
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 4, 6]
+
+
 def test_the_log_says_how_long_the_loop_waited_for_data(tmp_path, caplog):
     """metrics.jsonl carries data_wait_ms / data_wait_fraction: with no reader thread and a source that takes 25 ms
     an image, each batch of 8 keeps the loop waiting at least 200 ms (a lower bound, whatever the machine). The log

@@ -164,6 +164,7 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
     arrays = compute_lens_outputs(bundle, dataset_dir, selection, batch_size=batch_size, progress=progress)
     y, split = table.label.to_numpy(), table.split.to_numpy()
     n_classes = len(bundle.classes)
+    k3 = min(3, n_classes)  # "top-3" of a task with fewer classes is top-K (1.0), as chance_top3 and the grid count it
     summary: dict[str, Any] = {
         "lens_checkpoint": str(bundle.checkpoint), "dataset": str(dataset_dir), "classes": list(bundle.classes),
         "coef": bundle.objective.coef, "lens_paper_faithful": bundle.objective.paper_faithful,
@@ -174,7 +175,7 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
     test = split == "test"
     joint = arrays["joint_probs"]
     summary["joint_classifier"] = {"top1_test": probe.topk_accuracy(joint[test], y[test], 1),
-                                   "top3_test": probe.topk_accuracy(joint[test], y[test], 3)}
+                                   "top3_test": probe.topk_accuracy(joint[test], y[test], k3)}
 
     # Fresh probes on E(x) and E(L(x)), each standardised with its own train-split statistics (raw codes when
     # paper_faithful, as the authors; objectives/lens.py feature_norm says why).
@@ -195,7 +196,8 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
         paper_grid.to_csv(out / "probe_grid_paper_protocol.csv", index=False)
         summary["comparison_paper_protocol"] = probe.compare(paper_grid, baseline="no_lens", metric="top3_train")
     best, probs = {}, {}
-    metric = "top3_val" if (split == "val").any() else "top3_train"
+    # With 3 classes or fewer every probe's top-3 is 1.0: select on top-1 there.
+    metric = f"top{3 if n_classes > 3 else 1}_{'val' if (split == 'val').any() else 'train'}"
     for name, x in features.items():
         row = probe.best_config(grid, name, metric=metric)
         cfg = probe.ProbeConfig(lr=float(row["lr"]), batch_size=int(row["batch_size"]), epochs=probe_epochs,
@@ -205,12 +207,12 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
         probs[name] = probe.predict_proba(params, x)
         best[name] = {"lr": cfg.lr, "batch_size": cfg.batch_size, "selected_on": metric,
                       "top1_test": probe.topk_accuracy(probs[name][test], y[test], 1),
-                      "top3_test": probe.topk_accuracy(probs[name][test], y[test], 3),
+                      "top3_test": probe.topk_accuracy(probs[name][test], y[test], k3),
                       "seed_mean_top1_test": float(row["top1_test"]), "seed_mean_top3_test": float(row["top3_test"]),
                       "n_seeds": int(row["n_seeds"])}
     summary["best_probe"] = best
-    per_group = {name: probe.per_group_accuracy(p[test], y[test], table.cell_line.to_numpy()[test])
-                 for name, p in probs.items()}
+    per_group = {name: probe.per_group_accuracy(p[test], y[test], table.cell_line.to_numpy()[test], ks=(1, k3))
+                 .rename(columns={f"top{k3}": "top3"}) for name, p in probs.items()}
     pd.concat([df.assign(features=name) for name, df in per_group.items()]).to_csv(out / "per_cell_line.csv",
                                                                                  index=False)
     figures = [{"path": str(probe.plot_probe_comparison(grid, out / "probe_comparison.png", metric="top3_test")),

@@ -43,6 +43,15 @@ def build_lens_setup(config, source) -> LensSetup:
                          "an imported checkpoint, e.g. runs/demo/train)")
     if not config.get("dataset_dir"):
         raise ValueError("the lens objective reads the dataset's manifest: set --config.dataset_dir")
+    # The lens has its own loss (BCE + classifier term) and optimizer (Adam per part, objectives/lens.py): refuse the
+    # autoencoder's switches rather than ignore them.
+    if config.get("loss", "bce") != "bce":
+        raise ValueError(f"config.loss={config.loss!r}: the lens objective's reconstruction term is the authors' BCE; "
+                         "config.loss applies to the autoencoder objective only")
+    if config.optimizer.get("name", "adam") != "adam":
+        raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: the lens trains with Adam (the lens at "
+                         "optimizer.lr, the classifier at lens.classifier_lr); other optimizers apply to the "
+                         "autoencoder objective only")
     selection = select_with_settings(load_dataset_manifest(config.dataset_dir), lens)
     train = selection.part("train")
     log.info("lens task: %d classes, %d train images (%s)", len(selection.classes), len(train),

@@ -171,6 +171,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
     last_saved = start_step if start_step else None
     pending = None  # (step, metrics, (when its batch was asked for, seconds waited)) dispatched, not yet read back
     summary = {"start_step": start_step, "total_steps": total_steps}
+    end_step = total_steps  # the last step trained: earlier when a finite input stream (input.num_epochs) runs out
 
     def record(step: int, metrics, data_wait: tuple[float, float]) -> None:
         host = fetch_replicated(metrics)
@@ -187,18 +188,21 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
         first = step == start_step + 1  # includes compilation: logged, but not timed
         if not first:
             run_wait.add(*data_wait)
-        if first or step % log_every == 0 or step == total_steps:
-            row = window.flush(plan["batch_size"], timed=not first)
-            row["epoch"] = step / plan["steps_per_epoch"]
-            row["lr"] = host_learning_rate(config.optimizer, updates_per_epoch=plan["updates_per_epoch"],
-                                           count=(step - 1) * plan["updates_per_batch"])
-            if first:
-                row["first_step_s"] = summary["first_step_s"] = time.perf_counter() - t_start
-            writer.write(step, row)
-            if "images_per_s" in row:
-                summary["images_per_s"] = row["images_per_s"]
-            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row.get('images_per_s', 0):.1f}",
-                                 data_wait=f"{100 * row.get('data_wait_fraction', 0):.0f}%")
+        if first or step % log_every == 0 or step == end_step:
+            log_row(step, first)
+
+    def log_row(step: int, first: bool) -> None:
+        row = window.flush(plan["batch_size"], timed=not first)
+        row["epoch"] = step / plan["steps_per_epoch"]
+        row["lr"] = host_learning_rate(config.optimizer, updates_per_epoch=plan["updates_per_epoch"],
+                                       count=(step - 1) * plan["updates_per_batch"])
+        if first:
+            row["first_step_s"] = summary["first_step_s"] = time.perf_counter() - t_start
+        writer.write(step, row)
+        if "images_per_s" in row:
+            summary["images_per_s"] = row["images_per_s"]
+        progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row.get('images_per_s', 0):.1f}",
+                             data_wait=f"{100 * row.get('data_wait_fraction', 0):.0f}%")
 
     t_start = time.perf_counter()
     run_wait = _DataWait()  # the whole run's, after the first step
@@ -209,6 +213,7 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                 local = next(iterator)
             except StopIteration:
                 log.warning("the input stream ended at step %d (input.num_epochs is set); stopping", step - 1)
+                end_step = step - 1
                 break
             data_wait = (t_wait, time.perf_counter() - t_wait)
             images = _batch_images(local)
@@ -241,11 +246,17 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                 time.sleep(sleep_after_step)
         if pending is not None:
             record(*pending)
+        if start_step < end_step < total_steps:  # the stream ended early: keep the steps trained since the last save
+            if window.values:
+                log_row(end_step, first=False)
+            if last_saved != end_step:
+                checkpointer.save(end_step, state, iterator, config_record)
+                last_saved = end_step
     finally:
         progress.close()
         checkpointer.close()  # waits for asynchronous saves of good states
         writer.close()
-    summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, plan=plan)
+    summary.update(wall_s=time.perf_counter() - t_start, last_checkpoint=last_saved, end_step=end_step, plan=plan)
     if run_wait.seconds:
         summary["data_wait_fraction"] = run_wait.fraction()
     return summary
