@@ -24,6 +24,7 @@ offending value: rows are CSV *lines* for CSV files (header = line 1) and 1-base
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import os
@@ -333,8 +334,30 @@ def _is_csv(path: Path | None) -> bool:
 
 def _row_labeler(source: Path | None):
     if _is_csv(source):
-        return lambda i: f"line {int(i) + 2}"
+        lines: list[int] = []
+
+        def line_of(i) -> str:
+            if not lines:  # read only when a problem is reported
+                lines.extend(_csv_record_lines(source))
+            i = int(i)
+            return f"line {lines[i] if i < len(lines) else i + 2}"
+        return line_of
     return lambda i: f"row {int(i) + 1}"
+
+
+def _csv_record_lines(path: Path) -> list[int]:
+    """The file line each data record of a CSV starts on: pandas skips blank lines and a quoted field may span
+    lines, so record i is not always on line i + 2."""
+    starts, end = [], 1
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        next(reader, None)  # the header
+        end = reader.line_num
+        for record in reader:
+            if len(record) > 1 or (record and record[0].strip()):  # as pandas' skip_blank_lines
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
 
 
 def _is_path_column(name: str) -> bool:

@@ -278,3 +278,24 @@ def test_read_original_layout_problems_name_the_image_or_the_metadata_line(tmp_p
                                                                                        index=False)
     with pytest.raises(ManifestError, match=r"ACHN_CL3_P2\.csv line 2: Final_conc_uM of well C15 \(DMSO\) is empty"):
         read_original_layout(tmp_path / "images" / "batch_1", meta)
+
+
+def test_errors_name_the_csv_line_after_blank_lines_and_multiline_fields(tmp_path):
+    """pandas skips blank lines and reads a quoted field over two lines as one record: the reported line is still
+    the one to open in an editor."""
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", i)
+    text = ("path,Metadata_Plate,Metadata_Well,Metadata_Site,Metadata_CellLine,Metadata_Drug,"
+            "Metadata_Concentration_uM,Metadata_Time_h,Note\n"
+            "0.png,P1,B02,1,ACHN,DMSO,0,0,ok\n"
+            "\n"
+            "1.png,P1,B03,1,ACHN,DMSO,0,0,\"two\nlines\"\n"
+            "   \n"
+            "2.png,P1,B04,1,ACHN,,0,0,ok\n"
+            "3.png,P1,B05,1,ACHN,Cladribine,-1,0,ok\n")
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "m.csv")
+    message = str(err.value)
+    assert "line 7: Metadata_Drug is empty" in message, message
+    assert re.search(r"line 8: Metadata_Concentration_uM .*-1", message), message
