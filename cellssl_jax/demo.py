@@ -2,8 +2,12 @@
 
     python -m cellssl_jax.demo --workdir runs/demo
 
-Stages (each writes under the workdir and records itself in ``summary.json``; a rerun skips finished stages and the
-training stage resumes from its last checkpoint):
+Stages (each writes under the workdir and records itself in ``summary.json``, with the arguments it ran with; a
+rerun skips finished stages whose arguments (--seed, --train-override) are unchanged, and a stage that was cut short
+resumes (training from its last checkpoint). A stage that runs again (--redo, changed arguments, or an earlier stage
+ran) first drops its own and every later stage's record. A training workdir (train/, lens/) is removed when the
+stage is asked for or its arguments changed, and as soon as a stage it depends on runs (STAGE_INPUTS), so that a
+model is never resumed from a final checkpoint trained on other inputs (it would train 0 steps):
  1. plate     render the synthetic time-lapse plate with planted drug effects   → plate/
  2. dataset   manifest → TFDS ArrayRecord (quarantine report)                  → dataset/
  3. crops     one multi-crop training batch as a picture                       → multicrop_grid.png
@@ -24,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +36,15 @@ from pathlib import Path
 from cellssl_jax import platform  # noqa: F401  (XLA flags before the backend starts)
 
 log = logging.getLogger("cellssl_jax.demo")
+
+STAGES = ("plate", "dataset", "crops", "train", "interop", "features", "temporal", "lens", "compare")
+# What a stage that starts afresh removes first: outputs a rerun would otherwise resume from (training workdirs:
+# train_and_evaluate resumes from the latest checkpoint, so a finished run would train 0 steps) or leave stale
+# beside the new ones (a plate of another seed places conditions in other wells).
+STAGE_DIRS = {"plate": ("plate",), "train": ("train",), "lens": ("lens",)}
+# The earlier stages whose outputs a training stage is built from: when one of them runs, the training stage's
+# folder goes at once (before an interruption could leave it to be resumed later on the new inputs).
+STAGE_INPUTS = {"train": ("plate", "dataset"), "lens": ("plate", "dataset", "train", "interop")}
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 # Both feature sets are extracted and analysed; the first is the default (chosen by measured effect recovery).
@@ -69,8 +83,17 @@ class Run:
 
     def record(self, stage: dict) -> None:
         self.summary["stages"] = [s for s in self.summary["stages"] if s["name"] != stage["name"]] + [stage]
-        order = ["plate", "dataset", "crops", "train", "interop", "features", "temporal", "lens", "compare"]
+        order = list(STAGES)
         self.summary["stages"].sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
+        self._write()
+
+    def forget(self, names) -> None:
+        """Drop the records of these stages (they are about to be redone on new inputs)."""
+        names = set(names)
+        self.summary["stages"] = [s for s in self.summary["stages"] if s["name"] not in names]
+        self._write()
+
+    def _write(self) -> None:
         self.path.write_text(json.dumps(self.summary, indent=2, default=str))
 
 
@@ -306,7 +329,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", nargs="*", default=[], help="stages to run again even if finished")
+    parser.add_argument("--redo", nargs="*", default=[], choices=STAGES, metavar="STAGE",
+                        help=f"stages to run again even if finished (and every stage after them): {', '.join(STAGES)}")
     parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for the training stage, e.g. total_steps=50")
     args = parser.parse_args(argv)
@@ -327,18 +351,39 @@ def main(argv=None) -> int:
         ("lens", lambda: stage_lens(run)),
         ("compare", lambda: stage_compare(run, args.seed)),
     ]
+    assert tuple(n for n, _ in stages) == STAGES
+    # The arguments each stage depends on, recorded with it: a stage whose recorded arguments differ reruns.
+    inputs = {"plate": {"seed": args.seed}, "crops": {"seed": args.seed},
+              "train": {"train_override": list(args.train_override)}, "temporal": {"seed": args.seed},
+              "compare": {"seed": args.seed}}
     redo = set(args.redo)
+    upstream_ran = False
     for i, (name, fn) in enumerate(stages):
-        # A stage reruns when asked, or when an earlier stage reran (its inputs changed).
-        if run.done(name) and name not in redo:
+        done = run.done(name)
+        wanted = inputs.get(name, {})
+        changed = done is not None and done.get("inputs", wanted) != wanted  # records before 'inputs': unchanged
+        # A stage reruns when asked, when its arguments changed, or when an earlier stage ran (its inputs changed).
+        if done and name not in redo and not changed and not upstream_ran:
             log.info("stage %s: done earlier, skipped (--redo %s to rerun)", name, name)
             continue
+        if changed:
+            log.info("stage %s: arguments changed since it ran (%s -> %s), running it again", name,
+                     done.get("inputs"), wanted)
+        # The records of this stage and the later ones go first, so that a rerun cut short leaves no stale record
+        # standing. Asked for or with new arguments, the stage starts afresh; so do the later training stages built
+        # on its outputs. Otherwise it resumes what is there (a training cut short, or one whose inputs are as
+        # they were: 0 steps, then its evaluation again).
+        run.forget(STAGES[i:])
+        fresh = name in args.redo or changed
+        stale = [later for later in STAGES[i + 1:] if name in STAGE_INPUTS.get(later, ())]
+        for folder in [f for n in ([name] if fresh else []) + stale for f in STAGE_DIRS.get(n, ())]:
+            shutil.rmtree(run.dir / folder, ignore_errors=True)
         log.info("stage %d/%d: %s", i + 1, len(stages), name)
         start = time.perf_counter()
         record = fn()
-        record.update(name=name, seconds=round(time.perf_counter() - start, 1))
+        record.update(name=name, inputs=wanted, seconds=round(time.perf_counter() - start, 1))
         run.record(record)
-        redo.update(n for n, _ in stages[i + 1:])
+        upstream_ran = True
     from cellssl_jax.report import write_report
 
     print(f"report: {write_report(run.dir)}")

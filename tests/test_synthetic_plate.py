@@ -202,6 +202,28 @@ def test_same_seed_same_bytes_and_another_seed_other_images(tiny_plate: Path, tm
         assert all(not np.array_equal(a, b) for a, b in zip(first.images, other.images))
 
 
+def test_an_interrupted_render_into_an_old_plate_folder_leaves_no_manifest_of_the_old_plate(tmp_path, monkeypatch):
+    """Rendering seed 1 over a seed-0 folder and stopping half-way used to leave the seed-0 manifest.csv beside the
+    seed-1 ground_truth.csv and plate.json (rows whose Metadata_Effect the ground truth contradicts)."""
+    import data_pipelines.synthetic.plate as plate_module
+
+    out = tmp_path / "plate"
+    render_plate(out, "demo", seed=0, progress=False, **TINY)
+    real, calls = plate_module._render_and_write_well, []
+
+    def interrupted(job, **kwargs):
+        calls.append(job)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return real(job, **kwargs)
+
+    monkeypatch.setattr(plate_module, "_render_and_write_well", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        render_plate(out, "demo", seed=1, progress=False, **TINY)
+    assert json.loads((out / "plate.json").read_text())["seed"] == 1
+    assert not (out / "manifest.csv").exists()
+
+
 def test_stream_yields_what_the_writer_wrote(tiny_plate: Path):
     stream = iter_plate("demo", seed=0, **TINY)
     for _ in range(8):

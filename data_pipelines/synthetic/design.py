@@ -6,8 +6,9 @@ part of the plate can be rebuilt alone, in any order or process, with the same r
 Planted effect of a condition (cell line, drug, concentration): the drug's mechanism where the Hill response
 R = c^h / (c^h + EC50^h) reaches `effect_threshold` (0.5 by default, i.e. at or above the EC50), else 'no_effect'.
 The EC50 of each (cell line, drug) is put on a log-midpoint between two neighbouring grid concentrations (±0.2
-decades), and the Hill slope is at least 1.2, so every response is ≤ 0.30 or ≥ 0.70: no condition sits near the
-threshold and the planted class is unambiguous. Below the threshold the drug does nothing at all (the well runs the
+decades, so every grid concentration is at least 0.3 decades from it), and the Hill slope is at least 1.2, so every
+response is ≤ 0.304 or ≥ 0.696 (1 / (1 + 10^(-1.2 × 0.3)); 0.302 / 0.698 at the extremes of the paper preset over
+seeds 0–4): no condition sits near the threshold and the planted class is unambiguous. Below the threshold the drug does nothing at all (the well runs the
 DMSO process), so 'no_effect' is literally true in the pixels.
 """
 
@@ -165,7 +166,9 @@ class Condition:
     signature: str  # morphological signature of the drug ('none' for controls and no-effect drugs)
     ec50_uM: float  # inf for drugs without effect, nan for controls
     hill: float
-    onset_h: float  # hours after drug addition when the effect starts to build (nan where nothing happens)
+    # hours after drug addition when the effect starts to build: one per cell line and drug, nan for a drug without
+    # a mechanism; given also for that drug's concentrations below the threshold, where nothing happens (unused)
+    onset_h: float
     response: float  # Hill response at this concentration, 0..1
 
     @property

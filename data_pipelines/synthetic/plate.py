@@ -253,7 +253,8 @@ def render_plate(
     """Render an experiment to out_dir (layout in the module docstring) and return the manifest's path.
 
     workers > 1 renders wells in that many spawned processes; the files are byte-identical to workers=1.
-    The manifest is written last-complete: rows go to manifest.csv.partial, renamed when every image exists.
+    The manifest is written last-complete: rows go to manifest.csv.partial, renamed when every image exists; a
+    manifest.csv already in out_dir is removed first, so an interrupted render leaves none.
     """
     config = make_config(preset, **overrides)
     out_dir = Path(out_dir)
@@ -262,6 +263,9 @@ def render_plate(
     jobs = [(spec, site) for spec in layout for site in range(1, config.sites + 1)]
     n_images = len(jobs) * len(config.frame_times())
 
+    # A manifest of an earlier render goes first: until this one completes, the folder's ground truth, plate.json
+    # and images are this render's, and an old manifest.csv beside them would describe another plate.
+    (out_dir / "manifest.csv").unlink(missing_ok=True)
     _write_csv(out_dir / "ground_truth.csv", GROUND_TRUTH_COLUMNS, (c.as_row() for c in ground_truth(config, seed)))
     description = plate_description(config, seed, n_images, len(layout))
     (out_dir / "plate.json").write_text(json.dumps(description, indent=2, allow_nan=False) + "\n")
