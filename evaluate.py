@@ -41,7 +41,8 @@ def _temporal(a):
     from cellssl_jax.temporal.pipeline import run_temporal
 
     summary = run_temporal(features=a.features, distances=a.distances, out_dir=a.out, metric=a.metric,
-                           feature_scale=a.feature_scale, scale=a.scale,
+                           feature_scale=a.feature_scale, control_concentration_uM=a.control_concentration,
+                           scale=a.scale,
                            method=a.method, k=a.k, window=a.window, paper_faithful=a.paper_faithful,
                            ground_truth=a.ground_truth, mapping=a.mapping, seed=a.seed)
     print(json.dumps(summary, indent=2, default=str))
@@ -135,6 +136,9 @@ def main(argv=None):
                    help="dmso (default): each feature in units of its DMSO replicate spread on the plate, near-constant "
                         "features dropped (measured best on the synthetic plate with pooled features); none: raw "
                         "features, as the paper")
+    p.add_argument("--control-concentration", type=float, default=None, metavar="UM",
+                   help="the DMSO concentration (µM) of the control wells (the original's: 367); default: each "
+                        "plate's most common, other DMSO wells left out with a warning")
     p.add_argument("--scale", default=None, choices=["noise", "plate", "cell_drug", "none"],
                    help="curve scaling (default: noise, units of the plate's DMSO-vs-DMSO noise); 'cell_drug' is the "
                         "paper's (cellssl_jax.temporal.distances.scale_series)")

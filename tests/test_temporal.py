@@ -183,6 +183,28 @@ def test_hand_example_averaging_and_time_matching(floor, expected_control_t):
     assert set(out.columns) == set(curves.DISTANCE_COLUMNS)
 
 
+def test_the_control_is_the_dmso_wells_at_one_concentration():
+    """The original's control: DMSO wells with Final_conc_uM == 367. DMSO wells at another concentration join
+    neither the control nor the drugs (they used to be averaged into the control, shifting every curve)."""
+    table = _hand_table()
+    other = table[table["Metadata_Drug"] == "DMSO"].copy()
+    other["Metadata_Well"] = other["Metadata_Well"].str.replace("A", "C")
+    other["Metadata_Concentration_uM"] = 0.1
+    other["f1"] += 100.0  # far from everything: averaged into the control, it would move every distance
+    plus_one = pd.concat([table, other[other["Metadata_Well"] == "C01"]], ignore_index=True)  # 1 well at 0.1 µM
+    want = curves.distances_from_features(table, noise_curve=False, progress=False, feature_scale="none")
+    with pytest.warns(UserWarning, match=r"control is the 2 DMSO wells at 367 µM; 1 DMSO wells at \[0.1\] µM"):
+        got = curves.distances_from_features(plus_one, noise_curve=False, progress=False, feature_scale="none")
+    pd.testing.assert_frame_equal(got, want)
+    both = pd.concat([table, other], ignore_index=True)  # 2 wells each: a tie, so name it (the original's 367)
+    with pytest.warns(UserWarning, match="left out"):
+        got = curves.distances_from_features(both, noise_curve=False, progress=False, feature_scale="none",
+                                             control_concentration_uM=367.0)
+    pd.testing.assert_frame_equal(got, want)
+    with pytest.raises(ValueError, match=r"no DMSO wells at 5 µM; its DMSO wells are at \[0.1, 367.0\] µM"):
+        curves.distances_from_features(both, progress=False, control_concentration_uM=5.0)
+
+
 def test_control_time_index_nearest_and_floor():
     control = np.array([0.0, 2.0, 4.0, 6.0])
     times = np.array([-1.0, 0.9, 1.0, 1.1, 3.9, 7.0])

@@ -221,7 +221,9 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
                 "caption": "top-1 / top-3 on held-out wells per cell line, best probe of each feature set"}]
 
     # The altered-morphology maps of the test images; scored against the planted signature masks where the data has
-    # them (synthetic plates), and the examples the lens changed the authors' way (mined as in §6.5).
+    # them (synthetic plates), and examples of the categories of §6.5, but mined among the test images (the authors:
+    # the training split, up to 100 each), at most n_examples each, and judged by the best probes on E(x) and
+    # E(L(x)) (the authors: their no-lens classifier and the lens's jointly trained one).
     rows = arrays["image_rows"]
     if len(rows):
         x = arrays["image"].astype(np.float32) / 255

@@ -4,7 +4,8 @@ Two stages, each with one entry point:
 
 1. ``distances_from_features(table)``: per plate, first put every feature in units of the plate's DMSO replicate
    spread (``feature_scale='dmso'``, the default; see ``dmso_feature_spread``), then average the replicate wells (and
-   sites) of every (drug, concentration) at each time point, average the plate's DMSO wells the same way, and measure
+   sites) of every (drug, concentration) at each time point, average the plate's DMSO wells (those at one
+   concentration, ``control_rows``: the original took the DMSO wells at 367 µM) the same way, and measure
    the distance between the two at every time point (the control time matched to the nearest control time, or to the
    earlier one as the original code did). Also a DMSO-vs-DMSO noise curve per plate (the DMSO wells split in two
    halves), written with ``drug == 'DMSO'``: it is what "no effect" looks like on that plate. The result is the long
@@ -252,10 +253,13 @@ def dmso_feature_spread(rows: pd.DataFrame, features: np.ndarray, *, label: str 
     return np.sqrt(np.mean(variances, axis=0))
 
 
-def standardise_by_dmso(meta: pd.DataFrame, features: np.ndarray, *, plate: str = "") -> np.ndarray:
+def standardise_by_dmso(meta: pd.DataFrame, features: np.ndarray, *, plate: str = "",
+                        is_control: np.ndarray | None = None) -> np.ndarray:
     """The plate's features in units of their DMSO replicate spread; features without spread (below
-    ``MIN_RELATIVE_SPREAD`` × the largest) are dropped. Returns the (n_images, n_kept) matrix."""
-    is_control = meta[META_DRUG].astype(str).to_numpy() == CONTROL_DRUG
+    ``MIN_RELATIVE_SPREAD`` × the largest) are dropped. Returns the (n_images, n_kept) matrix. ``is_control``: the
+    control rows (default: ``control_rows``)."""
+    if is_control is None:
+        is_control, _ = control_rows(meta, plate=plate)
     spread = dmso_feature_spread(meta[is_control], features[is_control], label=f"plate {plate!r}")
     keep = spread >= MIN_RELATIVE_SPREAD * spread.max() if spread.max() > 0 else np.zeros(len(spread), bool)
     if not keep.any():
@@ -296,32 +300,55 @@ def _mode_value(values: np.ndarray) -> float:
     return float(vals[np.argmax(counts)])
 
 
+def control_rows(meta: pd.DataFrame, *, plate: str = "", concentration_uM: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_control, is_dmso)`` masks of one plate's rows. The control is the DMSO wells at one concentration, as
+    the original's (DMSO with ``Final_conc_uM == 367``): ``concentration_uM``, by default the plate's most common
+    DMSO concentration (by wells). DMSO wells at other concentrations are neither control nor drug: left out, with
+    a warning."""
+    is_dmso = meta[META_DRUG].astype(str).to_numpy() == CONTROL_DRUG
+    if not is_dmso.any():
+        raise ValueError(f"plate {plate!r}: no {CONTROL_DRUG} wells to serve as control")
+    dose = meta[META_CONC].to_numpy(dtype=float)
+    if concentration_uM is None:
+        concentration_uM = _mode_value(meta[is_dmso].groupby(META_WELL, sort=True)[META_CONC].first().to_numpy(float))
+    is_control = is_dmso & np.isclose(dose, concentration_uM)
+    if not is_control.any():
+        raise ValueError(f"plate {plate!r}: no {CONTROL_DRUG} wells at {concentration_uM:g} µM; its {CONTROL_DRUG} "
+                         f"wells are at {sorted(set(dose[is_dmso].tolist()))} µM")
+    left_out = is_dmso & ~is_control
+    if left_out.any():
+        wells = meta[META_WELL].astype(str).to_numpy()
+        warnings.warn(f"plate {plate!r}: the control is the {len(set(wells[is_control]))} {CONTROL_DRUG} wells at "
+                      f"{concentration_uM:g} µM; {len(set(wells[left_out]))} {CONTROL_DRUG} wells at "
+                      f"{sorted(set(dose[left_out].tolist()))} µM are left out", stacklevel=3)
+    return is_control, is_dmso
+
+
 def distances_for_plate(meta: pd.DataFrame, features: np.ndarray, *, metric: str = "euclidean",
                         floor: bool = False, noise_curve: bool = True, plate: str = "",
-                        feature_scale: str = DEFAULT_FEATURE_SCALE) -> pd.DataFrame:
+                        feature_scale: str = DEFAULT_FEATURE_SCALE,
+                        control_concentration_uM: float | None = None) -> pd.DataFrame:
     """Distance-to-control curves of every (drug, concentration) of one plate and cell line, all time points.
 
     ``feature_scale='dmso'`` first divides every feature by its DMSO replicate spread (``standardise_by_dmso``);
-    'none' measures the raw features (the paper)."""
+    'none' measures the raw features (the paper). The control: ``control_rows``."""
     if feature_scale not in FEATURE_SCALES:
         raise ValueError(f"unknown feature_scale {feature_scale!r}; choose one of {FEATURE_SCALES}")
-    drug = meta[META_DRUG].astype(str).to_numpy()
-    is_control = drug == CONTROL_DRUG
-    if not is_control.any():
-        raise ValueError(f"plate {plate!r}: no {CONTROL_DRUG} wells to serve as control")
+    is_control, is_dmso = control_rows(meta, plate=plate, concentration_uM=control_concentration_uM)
     cell_lines = meta[META_CELL].astype(str).unique()
     if len(cell_lines) != 1:
         raise ValueError(f"plate {plate!r}: expected one cell line per call, got {list(cell_lines)}")
     cell_line = cell_lines[0]
     if feature_scale == "dmso":
-        features = standardise_by_dmso(meta, features, plate=plate)
+        features = standardise_by_dmso(meta, features, plate=plate, is_control=is_control)
     ctrl_meta = meta[is_control]
     control = mean_trajectory(ctrl_meta, features[is_control], label=f"{plate} {CONTROL_DRUG}")
     out = []
     unmatched = []  # (drug, concentration, points, largest gap) of the series compared with a control of another time
-    groups = meta[~is_control].groupby([META_DRUG, META_CONC], sort=True).indices
+    groups = meta[~is_dmso].groupby([META_DRUG, META_CONC], sort=True).indices
     for (drug_name, conc), pos in groups.items():
-        sel = np.flatnonzero(~is_control)[pos]
+        sel = np.flatnonzero(~is_dmso)[pos]
         traj = mean_trajectory(meta.iloc[sel], features[sel], label=f"{plate} {drug_name} {conc}")
         times, dist = _distance_rows(traj, control, metric=metric, floor=floor)
         gaps = unmatched_control_times(times, control.time_h, floor=floor)
@@ -358,7 +385,8 @@ def distances_for_plate(meta: pd.DataFrame, features: np.ndarray, *, metric: str
 
 def distances_from_parquet(path: str | Path, *, metric: str = "euclidean", paper_faithful: bool = False,
                            noise_curve: bool = True, progress: bool = True,
-                           feature_scale: str = DEFAULT_FEATURE_SCALE) -> pd.DataFrame:
+                           feature_scale: str = DEFAULT_FEATURE_SCALE,
+                           control_concentration_uM: float | None = None) -> pd.DataFrame:
     """``distances_from_features`` on a Parquet file, reading one plate at a time when the file is large."""
     path = Path(path)
     meta = pq.ParquetFile(path).metadata
@@ -366,24 +394,27 @@ def distances_from_parquet(path: str | Path, *, metric: str = "euclidean", paper
     if meta.num_rows * n_features * 4 <= MAX_FEATURES_IN_MEMORY_BYTES:
         return distances_from_features(read_features(path), metric=metric, paper_faithful=paper_faithful,
                                        noise_curve=noise_curve, source=str(path), progress=progress,
-                                       feature_scale=feature_scale)
+                                       feature_scale=feature_scale, control_concentration_uM=control_concentration_uM)
     from tqdm.auto import tqdm
 
     plates = pq.read_table(path, columns=[META_PLATE]).column(0).unique().to_pylist()
     out = [distances_from_features(read_features(path, plate=plate), metric=metric, paper_faithful=paper_faithful,
                                    noise_curve=noise_curve, source=f"{path} (plate {plate!r})", progress=False,
-                                   feature_scale=feature_scale)
+                                   feature_scale=feature_scale, control_concentration_uM=control_concentration_uM)
            for plate in tqdm(sorted(plates), desc="distances per plate", disable=not progress)]
     return pd.concat(out, ignore_index=True)
 
 
 def distances_from_features(table: pd.DataFrame, *, metric: str = "euclidean", paper_faithful: bool = False,
                             noise_curve: bool = True, source: str = "features table",
-                            progress: bool = True, feature_scale: str = DEFAULT_FEATURE_SCALE) -> pd.DataFrame:
+                            progress: bool = True, feature_scale: str = DEFAULT_FEATURE_SCALE,
+                            control_concentration_uM: float | None = None) -> pd.DataFrame:
     """Raw distance-to-control curves of every plate: the rows of ``distances.csv`` (all time points).
 
     ``paper_faithful`` matches the control time by floor (the original's behaviour) instead of nearest.
     ``feature_scale``: 'dmso' (default) weighs features by their DMSO replicate spread, per plate; 'none' (paper).
+    ``control_concentration_uM``: the DMSO concentration of the control wells (the original's: 367); default: each
+    plate's most common (``control_rows``).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
@@ -397,7 +428,8 @@ def distances_from_features(table: pd.DataFrame, *, metric: str = "euclidean", p
     plates = table.groupby([META_PLATE, META_CELL], sort=True).indices
     for (plate, _cell), rows in tqdm(plates.items(), desc="distances per plate", disable=not progress):
         out.append(distances_for_plate(table.iloc[rows], values[rows], metric=metric, floor=paper_faithful,
-                                       noise_curve=noise_curve, plate=str(plate), feature_scale=feature_scale))
+                                       noise_curve=noise_curve, plate=str(plate), feature_scale=feature_scale,
+                                       control_concentration_uM=control_concentration_uM))
     return pd.concat(out, ignore_index=True)
 
 

@@ -37,7 +37,8 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
                  feature_scale: str = curves.DEFAULT_FEATURE_SCALE, scale: str = curves.DEFAULT_SCALE,
                  method: str = "kmeans", k: int | None = None,
                  k_range: tuple[int, int] = (2, 9), window: int | None = None, paper_faithful: bool = False,
-                 ground_truth=None, mapping=None, seed: int = 0, figures: bool = True, progress: bool = True
+                 ground_truth=None, mapping=None, seed: int = 0, figures: bool = True, progress: bool = True,
+                 control_concentration_uM: float | None = None
                  ) -> dict:
     """Run the temporal drug-effect analysis and write its outputs under ``out_dir``; returns the summary.
 
@@ -47,6 +48,8 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     metric: feature-space distance to control (euclidean = paper; cosine, correlation, braycurtis).
     feature_scale: 'dmso' (default): every feature in units of its DMSO replicate spread on the plate, features
         without spread dropped; 'none': raw features (paper). Ignored for ``distances`` input.
+    control_concentration_uM: the DMSO concentration of the control wells (the original's: 367); None = each
+        plate's most common (``distances.control_rows``). Ignored for ``distances`` input.
     scale: 'noise' (default: units of the plate's DMSO-vs-DMSO noise), 'plate', 'cell_drug' (paper), 'none';
         see ``distances.scale_series``; None = the default.
     method: 'kmeans' (DTW + DBA, paper), 'kmedoids', 'average_linkage'.
@@ -75,11 +78,13 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
     if features is not None:
         if isinstance(features, pd.DataFrame):
             raw = curves.distances_from_features(features, metric=metric, paper_faithful=paper_faithful,
-                                                 progress=progress, feature_scale=feature_scale)
+                                                 progress=progress, feature_scale=feature_scale,
+                                                 control_concentration_uM=control_concentration_uM)
             input_desc = {"features": "DataFrame"}
         else:
             raw = curves.distances_from_parquet(features, metric=metric, paper_faithful=paper_faithful,
-                                                progress=progress, feature_scale=feature_scale)
+                                                progress=progress, feature_scale=feature_scale,
+                                                control_concentration_uM=control_concentration_uM)
             input_desc = {"features": str(features)}
     else:
         if isinstance(distances, pd.DataFrame):
@@ -154,7 +159,8 @@ def run_temporal(features=None, distances=None, out_dir=None, *, metric: str = "
                        .unstack(fill_value=0).to_dict(orient="index"))
     summary = dict(
         input=input_desc,
-        options=dict(metric=metric, feature_scale=feature_scale if features is not None else None, scale=scale,
+        options=dict(metric=metric, feature_scale=feature_scale if features is not None else None,
+                     control_concentration_uM=control_concentration_uM if features is not None else None, scale=scale,
                      method=method, k=k, k_range=list(k_range), window=window,
                      paper_faithful=paper_faithful, seed=seed, mapping=None if mapping is None else str(mapping),
                      ground_truth=None if ground_truth is None or isinstance(ground_truth, pd.DataFrame)

@@ -35,7 +35,7 @@ from cellssl_jax.training.objectives.autoencoder import bce_with_logits
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, paper_faithful: bool = False) -> jax.Array:
     """Mean cross-entropy; ``paper_faithful``: of softmax(logits) taken as logits again (the authors' double softmax:
-    its loss cannot fall below log(e + K − 1) − 1, 2.71 for 33 classes, and its gradients are weaker)."""
+    its loss cannot fall below log(e + K − 1) − 1, 2.547 for 33 classes, and its gradients are weaker)."""
     if paper_faithful:
         logits = jax.nn.softmax(logits)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
