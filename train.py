@@ -1,13 +1,14 @@
 """Train a model from a config; rerunning the same command resumes from the workdir's latest checkpoint.
 
     python train.py --config configs/demo.py --workdir runs/demo/train [--config.key=value ...]
-    python train.py --config configs/ablation.py:noaug_one --workdir runs/ablation/noaug_one
+    python train.py --config configs/ablation.py:noaug_one --workdir runs/ablation/noaug_one --config.dataset_dir=D
 
 Multi-host: on TPU pods and SLURM/GPU clusters start one process per host with ``CELLSSL_DISTRIBUTED=1`` (JAX reads
 the rest from the environment); for a manual launch set ``CELLSSL_COORDINATOR=host:port``, ``CELLSSL_NUM_PROCESSES``
 and ``CELLSSL_PROCESS_ID`` in each process (cellssl_jax.parallel.initialize_distributed).
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -24,8 +25,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO; keep the console readable
-        logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax (through absl's logger) and JAX log every file and compilation at INFO: keep those off the console,
+        # not the run's own INFO lines (the plan, which formulation 'auto' became, resumes).
+        logging.set_verbosity(logging.INFO)
+        for noisy in ("absl", "jax", "orbax"):
+            std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
     import cellssl_jax.platform  # noqa: F401  XLA flags measured for this project; must precede the JAX backend
     from cellssl_jax.parallel import enable_compilation_cache, initialize_distributed
 
@@ -39,9 +44,11 @@ def main(argv):
         logging.error("training stopped: %s", err)
         sys.exit(3)
     logging.info("done: %s", {k: v for k, v in summary.items() if k != "plan"})
-    print(f"trained steps {summary['start_step']}→{summary['end_step']} in {summary['wall_s']:.1f} s; "
-          f"final loss {summary.get('final_loss', float('nan')):.5f}; "
-          f"{summary.get('images_per_s', float('nan')):.1f} images/s; checkpoint step {summary['last_checkpoint']}")
+    # images/s is measured after the first step of a run (which compiles): absent for a one-step run or resume
+    speed = f"{summary['images_per_s']:.1f} images/s" if "images_per_s" in summary else "images/s not measured"
+    loss = f"final loss {summary['final_loss']:.5f}" if "final_loss" in summary else "no step trained"
+    print(f"trained steps {summary['start_step']}→{summary['end_step']} in {summary['wall_s']:.1f} s; {loss}; "
+          f"{speed}; checkpoint step {summary['last_checkpoint']}")
 
 
 if __name__ == "__main__":

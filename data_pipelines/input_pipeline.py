@@ -29,9 +29,11 @@ Evaluation (``create_eval_dataset``): the source in order, x/255 then the author
 strided over processes like training (global batch k = source rows [k·B, (k+1)·B)), the tail padded so every process
 yields the same number of full batches; ``valid`` marks the real rows (pads have ``row_id`` -1 and zero images).
 
-Iterator state: ``it = iter(ds)``; ``it.get_state()`` is a JSON-able dict and ``it.set_state(state)`` continues at the
-next batch, with or without workers. For Orbax, grain 0.2.18 ships ``grain.checkpoint.CheckpointHandler`` with the
-``grain.checkpoint.CheckpointSave(item=it)`` / ``CheckpointRestore(item=it)`` args (one JSON file per process).
+Iterator state: ``it = iter(ds)``; ``it.get_state()`` is a JSON-able dict (``{'next_batch': n}``) and
+``it.set_state(state)`` continues at the next batch, with or without workers, also under another worker or thread
+count than the one that wrote it (``worker_count=-1`` resolves per machine). For Orbax, grain 0.2.18 ships
+``grain.checkpoint.CheckpointHandler`` with the ``grain.checkpoint.CheckpointSave(item=it)`` /
+``CheckpointRestore(item=it)`` args (one JSON file per process).
 """
 
 from __future__ import annotations
@@ -484,8 +486,64 @@ def create_train_dataset(
     # Worker processes always hand over uint8 crops; with finish='host' this process finishes them (_FinishUint8Batch).
     uint8_hand_over = worker_count > 0 or finish == "device"
     ds = ds.map(_TrainBatch(source, cfg, seed, uint8_hand_over=uint8_hand_over))
-    return _to_iter(ds, cfg.read_threads, cfg.prefetch_buffer_size, worker_count, cfg.worker_buffer_size,
-                    _FinishUint8Batch() if uint8_hand_over and finish == "host" else None)
+    after_workers = _FinishUint8Batch() if uint8_hand_over and finish == "host" else None
+    return _TrainStream(ds, lambda batches: _to_iter(batches, cfg.read_threads, cfg.prefetch_buffer_size,
+                                                     worker_count, cfg.worker_buffer_size, after_workers))
+
+
+class _TrainStream(grain.IterDataset):
+    """The training batches (a MapDataset over local batch numbers) as an IterDataset whose iterator state is just
+    the number of batches yielded: ``{'next_batch': n}``.
+
+    The batches do not depend on the worker or thread count, but Grain's own iterator states do (a ``mp_prefetch``
+    state holds one entry per worker): a checkpoint taken with N workers could not be restored with another count
+    (KeyError / IndexError inside Grain), and ``worker_count=-1`` picks the count from the machine's cores. This
+    state restores under any worker and thread count. States written by Grain's iterators before this existed are
+    handed to the same Grain iterator as before (they restore with the worker count they were written with)."""
+
+    def __init__(self, batches: grain.MapDataset, to_iter):
+        super().__init__()
+        self._batches = batches
+        self._to_iter = to_iter
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _TrainStreamIterator(self._batches, self._to_iter)
+
+    def __str__(self) -> str:
+        return "TrainStream"
+
+
+class _TrainStreamIterator(grain.DatasetIterator):
+    def __init__(self, batches: grain.MapDataset, to_iter, start: int = 0):
+        self._batches = batches
+        self._to_iter = to_iter
+        self._next_batch = start
+        self._legacy = False  # restored from a Grain iterator state: get_state is that iterator's
+        super().__init__(iter(to_iter(batches[start:] if start else batches)))
+
+    def __next__(self):
+        batch = next(self._parent)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state() if self._legacy else {"next_batch": self._next_batch}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.close()
+        if "next_batch" in state:
+            start = int(state["next_batch"])
+            self._parents = (iter(self._to_iter(self._batches[start:] if start else self._batches)),)
+            self._next_batch, self._legacy = start, False
+        else:
+            self._parents = (iter(self._to_iter(self._batches)),)
+            self._parent.set_state(state)
+            self._legacy = True
+        self._ctx = self._parent._ctx  # pylint: disable=protected-access
+
+    def close(self) -> None:
+        self._parent.close()
+        super().close()
 
 
 FINISH_PLACES = ("host", "device", "auto")

@@ -6,6 +6,7 @@ They run against an in-memory source with the contract of ``data_pipelines.sourc
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -542,6 +543,37 @@ def test_restored_iterator_continues_at_the_exact_batch(worker_count):
         # Workers compute whole batches: the stream is the in-process one.
         reference = take(ip.create_train_dataset(source, small_config(), seed=21, process_index=0, process_count=1), 7)
         assert_batches_equal(head + tail, reference)
+
+
+@pytest.mark.parametrize("saved_with, restored_with", [(0, 0), pytest.param(1, 0, marks=pytest.mark.slow),
+                                                      pytest.param(0, 2, marks=pytest.mark.slow)])
+def test_iterator_state_restores_under_another_worker_count(saved_with, restored_with):
+    """The batches do not depend on the worker count, and neither does the state: a run resumed on a machine where
+    worker_count=-1 resolves to another count (or with the count changed) continues at the exact batch. Grain's own
+    mp_prefetch state has one entry per worker and failed there (KeyError / IndexError)."""
+    source = InMemorySource(10)
+    reference = take(ip.create_train_dataset(source, small_config(), seed=5, process_index=0, process_count=1), 7)
+    it = iter(ip.create_train_dataset(source, small_config(worker_count=saved_with), seed=5, process_index=0,
+                                      process_count=1))
+    take(it, 3)  # 12 positions: across the first epoch boundary (10 rows)
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    restored = iter(ip.create_train_dataset(source, small_config(worker_count=restored_with), seed=5, process_index=0,
+                                            process_count=1))
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 4), reference[3:])
+    restored.close()
+
+
+def test_iterator_restores_a_state_written_by_grains_own_iterator():
+    """Checkpoints written before the state became {'next_batch': n} hold Grain's iterator state ({'next_index': n}
+    without workers): they still restore, and the state then stays in that form."""
+    source = InMemorySource(10)
+    reference = take(ip.create_train_dataset(source, small_config(), seed=5, process_index=0, process_count=1), 6)
+    restored = iter(ip.create_train_dataset(source, small_config(), seed=5, process_index=0, process_count=1))
+    restored.set_state({"next_index": 2})
+    assert_batches_equal(take(restored, 3), reference[2:5])
+    assert restored.get_state() == {"next_index": 5}
 
 
 def test_iterator_state_round_trips_through_grains_orbax_handler(tmp_path):

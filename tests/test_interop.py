@@ -187,6 +187,9 @@ def test_export_loads_unchanged_into_the_authors_class(tmp_path, fresh_params, s
     assert config["matches_paper_architecture"] and config["differences_from_paper"] == []
     assert config["preprocessing"] == "x/255 then bilinear antialiased resize to 128"
     assert config["dtype"] == "float32" and config["feature_dim"] == 4096
+    # readable as any file the process writes (safetensors' temporary file was 0600: shared weights others could
+    # not open)
+    assert path.stat().st_mode & 0o777 == path.with_suffix(".json").stat().st_mode & 0o777
 
 
 def test_authors_weights_survive_export_and_reproduce_golden_outputs_in_torch(tmp_path, authors_state_dict):
@@ -387,3 +390,20 @@ def test_reader_handles_the_tensor_kinds_torch_save_writes(tmp_path):
         assert got.shape == expected.shape and got.dtype == expected.dtype, key
         np.testing.assert_array_equal(got, expected, err_msg=key)
     assert ours["bf16"].dtype.name == "bfloat16"
+
+
+def test_an_import_reruns_into_its_workdir_and_never_into_a_training_run(tmp_path):
+    """`evaluate.py import-torch` twice into one workdir (and the demo's interop stage when it reruns) used to stop
+    on Orbax's StepAlreadyExistsError; a workdir with a training run's steps is refused, not mixed with it."""
+    from cellssl_jax.training.checkpoint import load_params, save_params_checkpoint
+
+    first = {"w": np.zeros(3, np.float32)}
+    second = {"w": np.ones(3, np.float32)}
+    save_params_checkpoint(tmp_path / "authors", first, {})
+    step_dir = save_params_checkpoint(tmp_path / "authors", second, {"image_size": 64})
+    params, config = load_params(tmp_path / "authors")
+    assert step_dir.name == "0" and config == {"image_size": 64}
+    np.testing.assert_array_equal(params["w"], second["w"])
+    (tmp_path / "train" / "checkpoints" / "20").mkdir(parents=True)  # what a training run leaves
+    with pytest.raises(FileExistsError, match=r"training run's checkpoints \(steps \[20\]\)"):
+        save_params_checkpoint(tmp_path / "train", first, {})

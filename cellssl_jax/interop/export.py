@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -96,7 +97,22 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | Path, con
 
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, str(path),
               metadata={"config": json.dumps(config)})
+    # safetensors writes through a private temporary file (mode 0600): give the export the permissions of any file
+    # this process creates (the umask's), like the .pt and .json beside it, so that others can read shared weights.
+    os.chmod(path, 0o666 & ~_umask())
     return Path(path)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would, for every thread, for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def export_params(params, model_config: Mapping, out_path: str | Path) -> list[Path]:

@@ -106,10 +106,18 @@ def save_params_checkpoint(workdir: str | Path, params, model_config: dict) -> P
     """Write ``params`` as a step-0 checkpoint under ``<workdir>/checkpoints`` (the import CLI's output).
 
     ``model_config`` is the ``model`` config section (a dict; add ``image_size`` when the model was trained on a size
-    other than 128). Returns the step directory.
+    other than 128). Returns the step directory. An earlier step-0 checkpoint (a previous import into the same
+    workdir) is replaced; a workdir holding a training run's steps is refused rather than mixed with it.
     """
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+    steps = sorted(manager.all_steps())
+    if any(steps):
+        manager.close()
+        raise FileExistsError(f"{directory} holds a training run's checkpoints (steps {steps}); write these weights "
+                              "to another workdir")
+    if steps:
+        manager.delete(0)
     config = {"model": _plain(model_config)}
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)),
                  force=True)
