@@ -107,12 +107,21 @@ def pil_recipe_multi_crop(image: np.ndarray, rng: np.random.Generator, specs, pa
     return crops
 
 
+# CPU clocks (process_time, /proc/<pid>/stat) advance in 10 ms ticks: a timing of fewer than 5 ticks is no
+# measurement, and is printed as nan rather than as a rate of billions of images per CPU second.
+MIN_CPU_S = 0.05
+
+
+def per_cpu_second(count: int, cpu: float) -> float:
+    return count / cpu if cpu >= MIN_CPU_S else float("nan")
+
+
 def timed(fn, count: int) -> tuple[float, float]:
     """(images per wall second, images per CPU second of this process) for fn() processing `count` images."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return count / wall, count / max(cpu, 1e-9)
+    return count / wall, per_cpu_second(count, cpu)
 
 
 def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[float, float]]]:
@@ -197,7 +206,7 @@ def bench_parallel(source, args, *, workers: int = 0, threads: int = 0,
         wall = time.perf_counter() - start
         cpu, own = sum(_process_cpu_seconds(pid) for pid in pids) - cpu, _process_cpu_seconds(pids[0]) - own
         count = args.batches * args.batch
-        rates.append((count / wall, count / max(cpu, 1e-9), 1e6 * own / count))
+        rates.append((count / wall, per_cpu_second(count, cpu), 1e6 * own / count))
     it.close()
     return rates
 
@@ -250,6 +259,8 @@ def main() -> int:
     ours = statistics.median(r[1] for r in results["crops (ours)"])
     ref = statistics.median(r[1] for r in results["crops (PIL recipe)"])
     print(f"\ncrops+augment, ours vs PIL recipe (CPU time, same process): {ours / ref:.2f}x")
+    if any(r[1] != r[1] for runs in results.values() for r in runs):
+        print(f"(nan: a timing used under {MIN_CPU_S * 1e3:.0f} ms of CPU, the clock's resolution; raise --images)")
 
     print()
     print("parallel runs (CPU: this process and its workers, all threads; wall: depends on the machine's load)")

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     peak, peak_what = matmul_peak_gflops(args.dtype)
     print(f"backend {backend} {[d.device_kind for d in jax.devices()]}; jax {jax.__version__}; batch {args.batch}; "
-          f"{args.dtype}; {k} call(s) per timing, median of {args.repeats}; matmul peak {peak / 1e3:.0f} TFLOP/s "
+          f"{args.dtype}; {k} call(s) per timing, median of {args.repeats}; matmul peak {peak / 1e3:.3g} TFLOP/s "
           f"({peak_what}); {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", flush=True)
 
     rng = np.random.default_rng(0)
