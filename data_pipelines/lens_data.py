@@ -142,7 +142,9 @@ def well_split(table: pd.DataFrame, test_fraction: float, val_fraction: float, s
     assignment: dict[tuple, str] = {}
     keys = table[["cell_line", "class_name", "plate", "well"]].drop_duplicates()
     for _, group in keys.groupby(["cell_line", "class_name"], sort=True):
-        group_wells = [tuple(r) for r in group[["plate", "well"]].itertuples(index=False)]
+        # From one canonical order (sorted), so that the same seed deals the same wells whatever the table's row
+        # order (a shuffled or re-sorted features file, each encoder's file in compare)
+        group_wells = sorted(tuple(r) for r in group[["plate", "well"]].itertuples(index=False))
         group_wells = [group_wells[i] for i in rng.permutation(len(group_wells))]
         n = len(group_wells)
         n_test = min(max(1, int(round(test_fraction * n))), n - 1) if n > 1 else 0

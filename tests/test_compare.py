@@ -88,6 +88,22 @@ def test_controls_task_splits_whole_wells_and_every_drug_reaches_each_part():
     assert again.split.equals(sel.split) and not other.split.equals(sel.split)
 
 
+def test_selection_and_task_rows_do_not_depend_on_the_table_row_order():
+    """The same rows in another order (a shuffled or re-sorted features file) give the same wells to each split under
+    one seed, and each task the same sequence of images."""
+    meta = _meta()
+    meta = pd.concat([meta, meta.assign(Metadata_Site=2)], ignore_index=True)  # two fields of view per well
+    shuffled = meta.sample(frac=1.0, random_state=7).reset_index(drop=True)
+    key = ["Metadata_CellLine", "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Time_h"]
+    a, b = select_compare_rows(meta, seed=3), select_compare_rows(shuffled, seed=3)
+    split_a = a[a.controls].groupby(key[:3]).split.first()
+    split_b = b[b.controls].groupby(key[:3]).split.first()
+    pd.testing.assert_series_equal(split_a, split_b.reindex(split_a.index))
+    for task in ("replicates", "controls", "clustering"):
+        pd.testing.assert_frame_equal(task_rows(a, task)[key + ["split"]].reset_index(drop=True),
+                                      task_rows(b, task)[key + ["split"]].reset_index(drop=True))
+
+
 def test_selection_errors_name_what_is_missing():
     meta = _meta()
     with pytest.raises(ValueError, match="Metadata_Time_h"):

@@ -171,6 +171,21 @@ def test_topk_accuracy_hand_computed():
     assert P.topk_accuracy(probs, y, 3) == 1.0
 
 
+def test_grid_ranks_without_softmax_underflow_and_nan_scores_never_hit():
+    """A confident probe: logits [0, -300, -350, -200, -400] put the true class 3 second, so it is in the top-3. In
+    float32 its probability (and those of classes 1, 2, 4) is exactly 0: ranked on probabilities, the tie goes to
+    classes 1 and 2 and the hit is lost. The grid ranks on log-probabilities."""
+    row = np.array([0.0, -300.0, -350.0, -200.0, -400.0], np.float32)
+    params = P.ProbeParams(weight=np.tile(row, (2, 1)) / 2, bias=np.zeros(5, np.float32))
+    x, y = np.ones((1, 2), np.float32), np.array([3])
+    assert (P.predict_proba(params, x)[0, 1:] == 0).all()  # the underflow this guards against
+    assert P.topk_accuracy(P.predict_log_proba(params, x), y, 3) == 1.0
+    assert P.topk_accuracy(P.predict_log_proba(params, x), y, 2) == 1.0
+    assert P.topk_accuracy(P.predict_log_proba(params, x), y, 1) == 0.0
+    # A diverged probe (NaN scores) scores no hit, not a perfect one.
+    assert P.topk_accuracy(np.full((2, 5), np.nan), np.array([0, 3]), 1) == 0.0
+
+
 def test_batch_averaged_topk_drops_the_last_partial_batch():
     probs = np.eye(3)[[0, 0, 0, 1, 1]]
     y = np.array([0, 0, 0, 0, 0])  # top-1 hits: 1, 1, 1, 0, 0

@@ -69,8 +69,10 @@ def select_compare_rows(meta: pd.DataFrame, *, frames: dict[str, int] | None = N
 
 
 def task_rows(selection: pd.DataFrame, task: str) -> pd.DataFrame:
-    """The rows one task reads, in a stable order (cell line, plate, well, time)."""
+    """The rows one task reads, in a stable order (cell line, plate, well, time, then site when there is one), the
+    same whatever the order of the table: the probe's shuffles and the clustering's tie-breaks follow row order."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     rows = selection[selection[task]]
-    return rows.sort_values(["Metadata_CellLine", "Metadata_Plate", "Metadata_Well", "Metadata_Time_h"], kind="stable")
+    keys = ["Metadata_CellLine", "Metadata_Plate", "Metadata_Well", "Metadata_Time_h"]
+    return rows.sort_values(keys + ["Metadata_Site"] * ("Metadata_Site" in rows.columns), kind="stable")

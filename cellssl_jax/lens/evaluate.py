@@ -195,7 +195,7 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
                                       progress=progress)
         paper_grid.to_csv(out / "probe_grid_paper_protocol.csv", index=False)
         summary["comparison_paper_protocol"] = probe.compare(paper_grid, baseline="no_lens", metric="top3_train")
-    best, probs = {}, {}
+    best, probs, scores = {}, {}, {}
     # With 3 classes or fewer every probe's top-3 is 1.0: select on top-1 there.
     metric = f"top{3 if n_classes > 3 else 1}_{'val' if (split == 'val').any() else 'train'}"
     for name, x in features.items():
@@ -205,14 +205,17 @@ def evaluate_lens(lens_checkpoint: str | Path, dataset_dir: str | Path, out_dir:
         params = probe.train_probe(x[split == "train"], y[split == "train"], n_classes, cfg,
                                    paper_faithful=paper_faithful)
         probs[name] = probe.predict_proba(params, x)
+        # ranked as probe_grid ranks: on log-probabilities (float32 probabilities underflow to ties at 0), or on the
+        # softmax outputs themselves as the authors' metric did
+        scores[name] = probs[name] if paper_faithful else probe.predict_log_proba(params, x)
         best[name] = {"lr": cfg.lr, "batch_size": cfg.batch_size, "selected_on": metric,
-                      "top1_test": probe.topk_accuracy(probs[name][test], y[test], 1),
-                      "top3_test": probe.topk_accuracy(probs[name][test], y[test], k3),
+                      "top1_test": probe.topk_accuracy(scores[name][test], y[test], 1),
+                      "top3_test": probe.topk_accuracy(scores[name][test], y[test], k3),
                       "seed_mean_top1_test": float(row["top1_test"]), "seed_mean_top3_test": float(row["top3_test"]),
                       "n_seeds": int(row["n_seeds"])}
     summary["best_probe"] = best
     per_group = {name: probe.per_group_accuracy(p[test], y[test], table.cell_line.to_numpy()[test], ks=(1, k3))
-                 .rename(columns={f"top{k3}": "top3"}) for name, p in probs.items()}
+                 .rename(columns={f"top{k3}": "top3"}) for name, p in scores.items()}
     pd.concat([df.assign(features=name) for name, df in per_group.items()]).to_csv(out / "per_cell_line.csv",
                                                                                  index=False)
     figures = [{"path": str(probe.plot_probe_comparison(grid, out / "probe_comparison.png", metric="top3_test")),

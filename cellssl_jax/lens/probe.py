@@ -94,11 +94,12 @@ def _check_probs(probs, y, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _topk_hits(scores: jax.Array, y: jax.Array, k: int) -> jax.Array:
     """1.0 where the true class is among the ``k`` highest scores. Ties are broken towards the lower class index (a
     deterministic stand-in for ``torch.topk``, whose tie order is unspecified), so equal scores never count as a hit
-    for every tied class at once: uniform scores give exactly chance level, not 100%."""
+    for every tied class at once: uniform scores give exactly chance level, not 100%. A row with a NaN score (a
+    diverged probe) is a miss: NaN compares False with everything, so it would otherwise rank first."""
     true_score = jnp.take_along_axis(scores, y[:, None], axis=1)
     classes = jnp.arange(scores.shape[1])[None, :]
     ahead = (scores > true_score) | ((scores == true_score) & (classes < y[:, None]))
-    return (ahead.sum(axis=1) < k).astype(jnp.float32)
+    return ((ahead.sum(axis=1) < k) & ~jnp.isnan(scores).any(axis=1)).astype(jnp.float32)
 
 
 def probe_loss(params: Mapping[str, jax.Array], x: jax.Array, y: jax.Array, *, paper_faithful: bool = False
@@ -222,6 +223,11 @@ def _softmax_linear(x, weight, bias):
     return jax.nn.softmax(x @ weight + bias, axis=-1)
 
 
+@jax.jit
+def _log_softmax_linear(x, weight, bias):
+    return jax.nn.log_softmax(x @ weight + bias, axis=-1)
+
+
 def predict_proba(params: ProbeParams, x) -> np.ndarray:
     """Class probabilities ``[N, K]``: softmax of the linear layer. In ``paper_faithful`` mode the classifier's own
     output already is this softmax (the second softmax lives only inside the loss), so both modes read the same."""
@@ -229,6 +235,16 @@ def predict_proba(params: ProbeParams, x) -> np.ndarray:
     if x.shape[1] != params.weight.shape[0]:
         raise ValueError(f"x has {x.shape[1]} features, the probe expects {params.weight.shape[0]}")
     return np.asarray(_softmax_linear(x, params.weight, params.bias))
+
+
+def predict_log_proba(params: ProbeParams, x) -> np.ndarray:
+    """Log class probabilities ``[N, K]`` (log-softmax of the linear layer). Rank on these, not on ``predict_proba``:
+    in float32 a class more than ~100 logits below the top gets probability exactly 0, so the lower classes tie and
+    top-k would be decided by class index instead of by the probe."""
+    x = _check_features(x, "x")
+    if x.shape[1] != params.weight.shape[0]:
+        raise ValueError(f"x has {x.shape[1]} features, the probe expects {params.weight.shape[0]}")
+    return np.asarray(_log_softmax_linear(x, params.weight, params.bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,7 +365,7 @@ def probe_grid(features: Mapping[str, np.ndarray], y, split, *, lrs: Sequence[fl
             else:
                 params = _to_params(final, i, False)
                 for s in SPLITS:
-                    probs = predict_proba(params, x[masks[s]])
+                    probs = predict_log_proba(params, x[masks[s]])  # ranks as the probabilities, without underflow
                     row |= {f"top1_{s}": topk_accuracy(probs, y[masks[s]], 1),
                             f"top3_{s}": topk_accuracy(probs, y[masks[s]], k3)}
                     if s == "train":
