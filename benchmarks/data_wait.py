@@ -9,12 +9,16 @@ The loop is the training loop's (cellssl_jax/training/loop.py): ``next(iterator)
 jitted step (dispatched asynchronously) → read back the PREVIOUS step's metrics, so the next batch is prepared while
 the device computes. Two runs of ``--steps`` steps after warm-up (compilation and the pipeline's first batch excluded):
   with data     the default pipeline (``data_pipelines.input_pipeline.default_input_config()``: the paper's 5 crops,
-                augmentation, worker_count / read_threads as configured there) feeding each step;
-  compute only  the same loop on one batch fetched once (no ``next``).
+                augmentation, worker_count / read_threads as configured there) feeding each step, in steady state:
+                measured only after ``--settle`` data steps (default: as many as the pipeline's buffers hold) and
+                with no pause between the measured steps. Before 2026-11-27 the data steps ran in two halves with the
+                compute-only steps between them, so they drained batches buffered during compilation and the pause
+                (12 workers × 2 hold 24): a pipeline too slow for the step could read as no wait at all;
+  compute only  the same loop on one batch fetched once (no ``next``), half before and half after the data run.
 Reported: wait = time inside ``next(iterator)`` per step (median, mean, max: the pipeline was not ready), the
 host-to-device transfer of the batch, and the slowdown of the whole loop, (wall with data − wall compute only) / steps:
-on an accelerator the time it stood idle for data; on a CPU also the pipeline's CPU use slowing the step. The two loops
-alternate in halves so that a change of machine load hits both alike. With no
+on an accelerator the time it stood idle for data; on a CPU also the pipeline's CPU use slowing the step. The
+compute-only steps bracket the data run so that a drift of machine load hits both alike. With no
 worker processes or reader threads (the 2-core default) the batch is computed in ``next`` itself, on the same cores
 as the step: the wait is then the pipeline's full cost.
 
@@ -51,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="ConvAE compute dtype")
     p.add_argument("--finish", choices=["auto", "host", "device"], default="auto",
                    help="input.finish: where x/255 and the photometric augmentations run (auto: as the training loop)")
+    p.add_argument("--settle", type=int, default=None,
+                   help="data steps run, unmeasured, before the measured ones (default: the batches the pipeline's "
+                        "buffers hold, so the figure is its steady rate and not its buffers')")
     p.add_argument("--no-hugepages", action="store_true")
     return p.parse_args(argv)
 
@@ -98,8 +105,9 @@ def main(argv=None) -> int:
     accelerator = jax.default_backend() != "cpu"
     cfg.finish = args.finish
     finish = ip.resolve_finish(args.finish, accelerator=accelerator)
-    print(f"finish={finish}, worker processes: {ip.resolve_worker_count(cfg.worker_count, accelerator=accelerator)}",
-          flush=True)
+    workers = ip.resolve_worker_count(cfg.worker_count, accelerator=accelerator)
+    settle = buffered_batches(cfg, workers) if args.settle is None else args.settle
+    print(f"finish={finish}, worker processes: {workers}; {settle} settle steps before the measured ones", flush=True)
     iterator = iter(ip.create_train_dataset(source, cfg, seed=0, process_index=0, process_count=1,
                                             accelerator=accelerator))
 
@@ -132,22 +140,20 @@ def main(argv=None) -> int:
         jax.block_until_ready(pending)
         return time.perf_counter() - t0, waits, puts
 
-    # Alternate the two loops in halves (data, compute, data, compute) so a change of machine load hits both alike.
-    half = max(1, args.steps // 2)
+    # Compute only, then the data run (settle steps to drain what the pipeline buffered meanwhile, then the measured
+    # steps back to back: a pause would let it refill), then compute only again: load drift hits both alike.
+    steps = max(2, args.steps)
     load_before = platform_load()
-    wall_data = wall_compute = 0.0
-    waits, puts = [], []
-    for _ in range(2):
-        w, ws, ps = loop(lambda: next(iterator), half)
-        wall_data, waits, puts = wall_data + w, waits + ws, puts + ps
-        w, _, _ = loop(lambda: None, half)
-        wall_compute += w
+    wall_compute, _, _ = loop(lambda: None, steps // 2)
+    loop(lambda: next(iterator), settle)
+    wall_data, waits, puts = loop(lambda: next(iterator), steps)
+    w, _, _ = loop(lambda: None, steps - steps // 2)
+    wall_compute += w
     load_after = platform_load()
-    steps = 2 * half
     images = args.batch * steps
     idle = max(0.0, wall_data - wall_compute) / steps
-    print(f"\nload average before/after: {load_before} / {load_after}; {steps} steps each way "
-          f"(asked {args.steps}), in alternating halves")
+    print(f"\nload average before/after: {load_before} / {load_after}; {steps} steps each way, the data steps "
+          f"after {settle} settle steps, back to back")
     print(f"wait in next(iterator) per step (the pipeline not ready): median {1e3 * statistics.median(waits):.1f} ms, "
           f"mean {1e3 * statistics.mean(waits):.1f} ms, max {1e3 * max(waits):.1f} ms")
     print(f"host-to-device transfer (global_batch) per step: median {1e3 * statistics.median(puts):.1f} ms")
@@ -158,6 +164,15 @@ def main(argv=None) -> int:
     print(f"throughput: {images / wall_data:.1f} images/s with data, {images / wall_compute:.1f} compute only "
           f"(images = batch × steps; a per_crop step trains on each image {sum(cfg.nmb_crops)} times)")
     return 0
+
+
+def buffered_batches(cfg, workers: int) -> int:
+    """An upper bound on the batches the training pipeline can hold ready (data_pipelines.input_pipeline._to_iter):
+    each process's reader threads and their prefetch buffer, and each worker's hand-over buffer."""
+    per_process = int(cfg.read_threads) + int(cfg.prefetch_buffer_size)
+    if workers > 0:
+        return workers * (per_process + int(cfg.worker_buffer_size)) + per_process
+    return per_process
 
 
 def platform_load() -> str:
