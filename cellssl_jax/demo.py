@@ -374,7 +374,7 @@ def main(argv=None) -> int:
         # on its outputs. Otherwise it resumes what is there (a training cut short, or one whose inputs are as
         # they were: 0 steps, then its evaluation again).
         run.forget(STAGES[i:])
-        fresh = name in args.redo or changed
+        fresh = name in redo or changed
         stale = [later for later in STAGES[i + 1:] if name in STAGE_INPUTS.get(later, ())]
         for folder in [f for n in ([name] if fresh else []) + stale for f in STAGE_DIRS.get(n, ())]:
             shutil.rmtree(run.dir / folder, ignore_errors=True)

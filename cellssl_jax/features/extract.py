@@ -266,8 +266,7 @@ def extract_from_checkpoint(checkpoint: str | Path, dataset_dir: str | Path, out
     from cellssl_jax.training.checkpoint import load_encoder_params
 
     params, model_cfg, description = load_encoder_params(checkpoint)
-    if description != str(checkpoint):
-        log.info("features of %s", description)
+    log.info("features of %s", description)
     model = model_from_config(model_cfg)
     return extract_features(params, model, dataset_dir, out_path,
                             provenance={"checkpoint": str(checkpoint), "encoder": description}, **kwargs)
