@@ -35,6 +35,10 @@ CONFIGS = (
     ("unroll 512/64 w8", {"bwd_rows": 512, "bwd_chunk": 64, "bwd_warps": 8}),
     ("loop 1024/64 w4 s1", {"bwd_rows": 1024, "bwd_chunk": 64, "stages": 1}),
     ("fwd 128 w8", {"fwd_rows": 128, "fwd_warps": 8}),
+    ("fwd 256 w8", {"fwd_rows": 256, "fwd_warps": 8}),
+    ("fwd 32 w4", {"fwd_rows": 32, "fwd_warps": 4}),
+    ("loop 4096/32 w4", {"bwd_rows": 4096, "bwd_chunk": 32}),
+    ("loop 2048/64 w8", {"bwd_rows": 2048, "bwd_chunk": 64, "bwd_warps": 8}),
 )
 
 

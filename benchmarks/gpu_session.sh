@@ -4,22 +4,27 @@
 #     OUT=/tmp/gpu_logs [PARTS="kernels train_bf16 ..."] bash benchmarks/gpu_session.sh [python]
 #
 # PARTS (default: all, in this order): env kernels train_bf16 tune train_bf16_b64 train_fp32 layers data_wait
-# data_wait_host; "kernels" runs the compiled Pallas kernels' tests (tests/test_fused_blocks.py) before anything is timed,
-# "tune" times the fused blocks' tilings alone (benchmarks/fused_blocks_tune.py; the last block's were never tuned).
+# data_wait_host; also, when named: tune_last train_tuned (the last block's tilings, then the step with the fastest),
+# anatomy (the project step against a bare Adam+BCE step).
+# "kernels" runs, before anything is timed, the compiled Pallas kernels' tests and the fused formulations' whole model
+# against plain (tests/test_fused_blocks.py, tests/test_model.py; KERNELS_K narrows the -k expression); "tune" times
+# the first block's tilings alone (benchmarks/fused_blocks_tune.py).
 #
 # Each part runs under its own time limit and writes its log to $OUT/<part>.log, so a part that hangs or fails costs
-# only its own figures. Parts: environment; the training step (formulations auto, plain_1ch, plain) and
-# encoder inference in bf16 at batch 256 against PyTorch eager NCHW / channels_last and torch.compile (auto = fused_1ch
-# on one GPU since 2026-11-26); batch 64 in bf16;
-# float32 at batch 256 (the project step fed uint8 crops that it finishes itself, as training on a GPU runs since
-# 2026-11-26; --finish host gives the float-fed step of the earlier figures); the per-layer profile; then the data-wait measurement (the default Grain pipeline with worker
-# processes feeding the bf16 step), with the crops finished on the GPU (input.finish=auto) and on the host. About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch 1024
-# added ~50 s of XLA autotuning per formulation, so it is left out here). Python packages that the
-# machine lacks (grain, array-record, ml-collections, portpicker) are installed from wheels in ./.whl when present;
-# fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
+# only its own figures. Parts: environment; the training step (FORMULATIONS, default auto and plain) and encoder
+# inference in bf16 at batch 256 against PyTorch (TORCH, default eager NCHW / channels_last and torch.compile; auto =
+# fused_1ch on one GPU since 2026-11-26); batch 64 in bf16; float32 at batch 256 (the project step fed uint8 crops
+# that it finishes itself, as training on a GPU runs since 2026-11-26; --finish host gives the float-fed step of the
+# earlier figures); the per-layer profile; then the data-wait measurement in steady state (the default Grain pipeline
+# with 12 worker processes feeding the bf16 step of DATA_WAIT_FORMULATION), with the crops finished on the GPU
+# (input.finish=auto) and on the host. About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch
+# 1024 added ~50 s of XLA autotuning per formulation, so it is left out here); 2026-11-27's three H100 runs
+# (BENCHMARKS.md) took 290, 166 and 109 s. Python packages that the machine lacks (grain, array-record,
+# ml-collections, portpicker, pytest) are installed from wheels in ./.whl when present; fetch them where pip works,
+# for the GPU machine's Python (3.12 on the machines used so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     grain==0.2.18 array-record==0.8.6 ml_collections==1.1.0 portpicker
+#     grain==0.2.18 array-record==0.8.6 ml_collections==1.1.0 portpicker pytest pluggy iniconfig pygments packaging
 set -u
 PY=${1:-python3}
 OUT=${OUT:-/tmp/gpu_logs}
@@ -46,18 +51,41 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 want env && part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; \
   $PY -c 'import jax, flax, optax, torch, numpy; print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \
   \"optax\", optax.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__)'"
-want kernels && part kernels 90 $PY -m pytest -q -p no:cacheprovider tests/test_fused_blocks.py -k compiled
+# kernels: the compiled Triton kernels against the unfused ops, then the fused formulations' whole model (outputs and
+# gradients) against plain, in float32 with full-precision convolutions (GPU float32 convs default to TF32).
+want kernels && part kernels ${KERNELS_LIMIT:-120} env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q \
+  -p no:cacheprovider -p no:xdist tests/test_fused_blocks.py tests/test_model.py -k "${KERNELS_K:-compiled or (fast_formulation and fused)}"
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
-  --batch-sizes 256 --formulations ${FORMULATIONS:-auto fused_subpixel plain} \
+  --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain} \
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
 want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --unfused matmul \
   --configs "backward xla" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"
+# tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
+# $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.
+want tune_last && part tune_last 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks last \
+  --unfused matmul --write-best "$OUT/last_tuning.json"
+want train_tuned && [[ -s $OUT/last_tuning.json ]] && part train_tuned 120 $PY benchmarks/train_throughput.py \
+  --dtype bfloat16 --batch-sizes 256 --formulations auto --torch channels_last --skip-inference --repeats 5 \
+  --fused-tuning "$OUT/last_tuning.json"
+# anatomy: the project step against a bare jitted Adam+BCE step of the same formulation (what the step's finishing,
+# metrics and guards cost on the GPU; not measured there yet), PyTorch in the same run.
+want anatomy && part anatomy 100 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 256 \
+  --formulations auto --minimal-step --torch channels_last --skip-inference --repeats 5
 want train_bf16_b64 && part train_bf16_b64 90 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 64 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
 want train_fp32 && part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
 want layers && part layers 100 $PY benchmarks/layer_profile.py --batch 256 --repeats 3
-want data_wait && part data_wait 100 $PY benchmarks/data_wait.py --batch 256 --steps 12 --workers 12 --dtype bfloat16 \
-  --crop-steps per_crop --images 512
-want data_wait_host && part data_wait_host 80 $PY benchmarks/data_wait.py --batch 256 --steps 12 --workers 12 --dtype bfloat16 \
-  --crop-steps per_crop --images 512 --finish host
+# The data-wait parts feed DATA_WAIT_FORMULATION's step (default auto); "fastest" takes the jax formulation with the most
+# images/s in this session's train_bf16.log (a faster step is the harder test of the pipeline), auto when there is none.
+DWF=${DATA_WAIT_FORMULATION:-auto}
+if [[ $DWF == fastest ]]; then
+  DWF=$(awk -F'|' '/^\| train step \| 256 \| jax .*\(project step/ {split($4, w, " "); gsub(/,/, "", $5);
+    if ($5 + 0 > best) {best = $5 + 0; f = w[2]}} END {print (f == "" ? "auto" : f)}' "$OUT/train_bf16.log" 2>/dev/null)
+  DWF=${DWF:-auto}
+fi
+want data_wait && part data_wait ${DATA_WAIT_LIMIT:-100} $PY benchmarks/data_wait.py --batch 256 --steps ${DATA_WAIT_STEPS:-12} \
+  --workers 12 --dtype bfloat16 --crop-steps per_crop --images 512 --formulation "$DWF"
+want data_wait_host && part data_wait_host 80 $PY benchmarks/data_wait.py --batch 256 --steps ${DATA_WAIT_STEPS:-12} \
+  --workers 12 --dtype bfloat16 --crop-steps per_crop --images 512 --finish host --formulation "$DWF"
+exit 0  # each part has its own rc line in its log

@@ -260,27 +260,37 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
         "first_block_forward", "last_block_backward", "last_block_forward"]
 
 
+def _assert_compiled_close(fused, unfused, args, rtol):
+    """The compiled kernel (``fused``) against the unfused ops in float32 without TF32, on the same (rounded) inputs.
+    float32: within ``rtol``. bfloat16: no further from that float32 reference than the unfused ops run in bfloat16 on
+    the same card (1.5× their error, or ``rtol``), the CPU test's rule above: in bf16 the pool's max and the ReLU's
+    mask flip where values round together, in the unfused ops as much as in the kernel (2026-11-27 on an H100: the
+    first block's input gradient 5.3e-2 from float32, which an absolute 2e-2 called a failure)."""
+    with jax.default_matmul_precision("highest"):  # a float32 reference without TF32
+        want = jax.jit(lambda *a: _value_and_grads(unfused, *a))(*[a.astype(jnp.float32) for a in args])
+    got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*args)
+    if args[0].dtype == jnp.float32:
+        _assert_close(got, want, rtol, norm=2)
+        return
+    base = _relative_errors(jax.jit(lambda *a: _value_and_grads(unfused, *a))(*args), want)
+    for name, a, err, b in zip(("output", "d input", "d kernel", "d bias"), got, _relative_errors(got, want), base):
+        assert np.isfinite(np.asarray(a, np.float32)).all() and err <= max(rtol, 1.5 * b), (
+            f"{name}: {err:.2e} (unfused bf16: {b:.2e})")
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol):
-    x, kernel, bias, cot = _inputs(3, 8, 128, 128, 128)
-    args = [a.astype(dtype) for a in (x, kernel, bias, cot)]
-    with jax.default_matmul_precision("highest"):  # a float32 reference without TF32
-        want = jax.jit(lambda *a: _value_and_grads(_unfused, *a))(*[a.astype(jnp.float32) for a in args])
-    got = jax.jit(lambda *a: _value_and_grads(
-        lambda *b: fused_blocks.conv_relu_pool_one_channel(*b, impl="pallas"), *a))(*args)
-    _assert_close(got, want, rtol, norm=2)
+    args = [a.astype(dtype) for a in _inputs(3, 8, 128, 128, 128)]
+    _assert_compiled_close(lambda *b: fused_blocks.conv_relu_pool_one_channel(*b, impl="pallas"), _unfused, args, rtol)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_compiled_gpu_last_block_kernel_matches_the_unfused_ops(dtype, rtol):
     args = [a.astype(dtype) for a in _last_inputs(5, 8, 128, 128, 128)]
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda *a: _value_and_grads(_unfused_last, *a))(*[a.astype(jnp.float32) for a in args])
-    got = jax.jit(lambda *a: _value_and_grads(
-        lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas"), *a))(*args)
-    _assert_close(got, want, rtol, norm=2)
+    _assert_compiled_close(lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas"), _unfused_last, args,
+                           rtol)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
@@ -291,8 +301,5 @@ def test_compiled_gpu_last_block_kernel_reads_the_phase_layout(dtype, rtol):
     def unfused(p, k, b):
         return _unfused_last(interleave_phases(p, 64, 64), k, b)
 
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda *a: _value_and_grads(unfused, *a))(*[a.astype(jnp.float32) for a in args])
-    got = jax.jit(lambda *a: _value_and_grads(
-        lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas", phases=True), *a))(*args)
-    _assert_close(got, want, rtol, norm=2)
+    _assert_compiled_close(lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas", phases=True), unfused,
+                           args, rtol)

@@ -91,6 +91,21 @@ def test_every_formulation_but_auto_warns_on_the_cpu_with_what_was_measured():
     assert "6 minutes" in ConvAE(formulation="fused_subpixel").speed_warning()
 
 
+def test_formulations_measured_slower_on_a_gpu_warn_there_with_their_figure(monkeypatch):
+    from cellssl_jax.models.convae import FORMULATIONS  # noqa: PLC0415
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for formulation in FORMULATIONS:
+        warning = ConvAE(formulation=formulation).speed_warning()
+        if formulation in ("auto", "fused_1ch"):  # auto's choice there
+            assert warning is None
+        else:
+            assert f"formulation {formulation!r} on a GPU is slower than 'auto'" in warning
+            assert "images/s" in warning.split("H100):", 1)[1], warning
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # nothing measured there: no claim
+    assert all(ConvAE(formulation=f).speed_warning() is None for f in FORMULATIONS)
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_output():
     model = ConvAE(dtype=jnp.bfloat16)
     params = init_params(model, jax.random.key(0))

@@ -27,14 +27,16 @@ Formulations of the same function (``formulation``), all with the same parameter
   forward pass never writes the full-resolution activation; and the last layer's input ReLU + conv C→1, whose
   forward pass replaces a cuDNN convolution with one output channel (4.1 ms at batch 256 on an H100) and whose
   backward pass reads the 128-channel activation once and writes its masked gradient once. On an H100 in bf16 at
-  batch 256: 21,600 images/s, 2.94× PyTorch eager (channels_last), 27% MFU (BENCHMARKS.md).
+  batch 256: 21,500-21,600 images/s, 2.93-2.94× PyTorch eager (channels_last), 2.47× torch.compile, 27-29% MFU
+  (BENCHMARKS.md).
 - ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.97
   ms of the 11.8 ms step on the H100) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
   the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output [N, h+1, w+1, 4·C]
   the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so neither the
-  128-channel activation nor its gradient is ever interleaved. Written for the GPU and not yet timed there
-  (benchmarks/gpu_session.sh times it beside ``auto``); the CPU's own sub-pixel form gained nothing from reading the
-  phase layout (BENCHMARKS.md).
+  128-channel activation nor its gradient is ever interleaved. Written for the GPU and slower there: 17,200 images/s
+  against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27; the sub-pixel form of that layer had
+  already timed no faster than the plain one alone, 4.78 against 4.97 ms, despite the FLOPs); the CPU's own
+  sub-pixel form gained nothing from reading the phase layout either (BENCHMARKS.md). Kept as a tested alternative.
 - ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, ``"fused_1ch"`` on a GPU, ``"plain"``
   elsewhere (TPU: not measured). With several GPUs the training step runs the kernels on each device's share of the
   batch (``fused_blocks.batch_sharded``; tested on forced CPU devices through Pallas's interpreter, not timed on
@@ -77,6 +79,15 @@ _SLOW_ON_CPU = {
     "fused_subpixel": "its batch-64 warm-up step had not finished after 6 minutes (XLA:CPU runs the weight gradient "
                       "of its padded convolution as a naive loop)",
     "plain": "6.1 images/s against auto's 10.4 at batch 64 (XLA:CPU's own convolution gradients)",
+}
+# The same on one GPU: bf16 training step at batch 256 on an H100 (BENCHMARKS.md, "GPU: NVIDIA H100"), where auto's
+# fused_1ch ran 21,500-21,600 images/s. subpixel_vjp (the CPU's hand-written backward passes) was timed on an H200 only.
+_SLOW_ON_GPU = {
+    "plain": "15,100 images/s against auto's 21,600 (H100, bf16, batch 256)",
+    "plain_1ch": "16,100 images/s against auto's 21,600 (H100, bf16, batch 256)",
+    "subpixel": "14,300 images/s against auto's 21,600 (H100, bf16, batch 256)",
+    "fused_subpixel": "17,200 images/s against auto's 21,600 (H100, bf16, batch 256, 2026-11-27)",
+    "subpixel_vjp": "~13,500 images/s against plain's 17,100 (H200, bf16, batch 256; written for XLA:CPU)",
 }
 _ONE_CHANNEL_PRODUCTS = ("plain_1ch", "fused_1ch", "fused_subpixel")
 _FUSED = ("fused_1ch", "fused_subpixel")
@@ -357,11 +368,14 @@ class ConvAE(nn.Module):
 
     def speed_warning(self) -> str | None:
         """Why this formulation is a slow choice on this backend, as measured (BENCHMARKS.md); None when it is not."""
-        why = _SLOW_ON_CPU.get(self.formulation) if jax.default_backend() == "cpu" else None
-        if why is None:
-            return None
-        return (f"formulation {self.formulation!r} on the CPU is slower than 'auto' (subpixel_vjp here, 1.8x PyTorch "
-                f"eager at batch 64-256): {why}; it computes the same function")
+        backend = jax.default_backend()
+        if backend == "cpu" and (why := _SLOW_ON_CPU.get(self.formulation)) is not None:
+            return (f"formulation {self.formulation!r} on the CPU is slower than 'auto' (subpixel_vjp here, 1.8x "
+                    f"PyTorch eager at batch 64-256): {why}; it computes the same function")
+        if backend == "gpu" and (why := _SLOW_ON_GPU.get(self.formulation)) is not None:
+            return (f"formulation {self.formulation!r} on a GPU is slower than 'auto' (fused_1ch there, 2.9x PyTorch "
+                    f"eager on an H100): {why}; it computes the same function")
+        return None
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""
