@@ -89,6 +89,9 @@ _SLOW_ON_GPU = {
     "fused_subpixel": "17,200 images/s against auto's 21,600 (H100, bf16, batch 256, 2026-11-27)",
     "subpixel_vjp": "~13,500 images/s against plain's 17,100 (H200, bf16, batch 256; written for XLA:CPU)",
 }
+# backend: (where, what auto runs there, its slower formulations); nothing measured elsewhere, so no claim.
+_SLOW_ON = {"cpu": ("the CPU", "subpixel_vjp here, 1.8x PyTorch eager at batch 64-256", _SLOW_ON_CPU),
+            "gpu": ("a GPU", "fused_1ch there, 2.9x PyTorch eager on an H100", _SLOW_ON_GPU)}
 _ONE_CHANNEL_PRODUCTS = ("plain_1ch", "fused_1ch", "fused_subpixel")
 _FUSED = ("fused_1ch", "fused_subpixel")
 
@@ -368,14 +371,11 @@ class ConvAE(nn.Module):
 
     def speed_warning(self) -> str | None:
         """Why this formulation is a slow choice on this backend, as measured (BENCHMARKS.md); None when it is not."""
-        backend = jax.default_backend()
-        if backend == "cpu" and (why := _SLOW_ON_CPU.get(self.formulation)) is not None:
-            return (f"formulation {self.formulation!r} on the CPU is slower than 'auto' (subpixel_vjp here, 1.8x "
-                    f"PyTorch eager at batch 64-256): {why}; it computes the same function")
-        if backend == "gpu" and (why := _SLOW_ON_GPU.get(self.formulation)) is not None:
-            return (f"formulation {self.formulation!r} on a GPU is slower than 'auto' (fused_1ch there, 2.9x PyTorch "
-                    f"eager on an H100): {why}; it computes the same function")
-        return None
+        where, auto, slow = _SLOW_ON.get(jax.default_backend(), ("", "", {}))
+        if (why := slow.get(self.formulation)) is None:
+            return None
+        return (f"formulation {self.formulation!r} on {where} is slower than 'auto' ({auto}): {why}; it computes the "
+                f"same function")
 
     def resolved_micro_batch(self) -> int:
         """Images per slice actually used (0: the whole batch)."""
