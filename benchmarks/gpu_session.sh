@@ -58,7 +58,7 @@ want kernels && part kernels ${KERNELS_LIMIT:-120} env JAX_DEFAULT_MATMUL_PRECIS
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain} \
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
-want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --unfused matmul \
+want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
   --configs "backward xla" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"
 # tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
 # $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.
