@@ -29,6 +29,7 @@ from cellssl_jax import platform  # noqa: E402,F401  (XLA flags before the JAX b
 CONFIGS = (
     ("loop 2048/32 w4", {"bwd_rows": 2048, "bwd_chunk": 32}),
     ("backward xla", {"backward": "xla"}),
+    ("backward products", {"backward": "products"}),
     ("tile 64 w4", {"bwd_rows": 64, "bwd_chunk": 64}),
     ("tile 128 w4", {"bwd_rows": 128, "bwd_chunk": 128}),
     ("unroll 256/64 w4", {"bwd_rows": 256, "bwd_chunk": 64}),

@@ -3,9 +3,10 @@
 #
 #     OUT=/tmp/gpu_logs [PARTS="kernels train_bf16 ..."] bash benchmarks/gpu_session.sh [python]
 #
-# PARTS (default: all, in this order): env kernels train_bf16 tune train_bf16_b64 train_fp32 layers data_wait
-# data_wait_host; also, when named: tune_last train_tuned (the last block's tilings, then the step with the fastest),
-# anatomy (the project step against a bare Adam+BCE step).
+# PARTS (default: all, in this order): env kernels train_bf16 alternatives tune train_bf16_b64 train_fp32 layers
+# data_wait data_wait_host; also, when named: tune_last train_tuned (the last block's tilings, then the step with the
+# fastest), anatomy (the project step against a bare Adam+BCE step). alternatives: the step with fused_blocks.TUNING
+# settings never timed on a GPU (ALTERNATIVES) against the default, in one run.
 # "kernels" runs, before anything is timed, the compiled Pallas kernels' tests and the fused formulations' whole model
 # against plain (tests/test_fused_blocks.py, tests/test_model.py; KERNELS_K narrows the -k expression); "tune" times
 # the first block's tilings alone (benchmarks/fused_blocks_tune.py).
@@ -45,7 +46,7 @@ part() {  # part NAME SECONDS COMMAND...
   echo "=== $name rc=${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 
-PARTS=${PARTS:-env kernels train_bf16 tune train_bf16_b64 train_fp32 layers data_wait data_wait_host}
+PARTS=${PARTS:-env kernels train_bf16 alternatives tune train_bf16_b64 train_fp32 layers data_wait data_wait_host}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 want env && part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; \
@@ -58,8 +59,15 @@ want kernels && part kernels ${KERNELS_LIMIT:-120} env JAX_DEFAULT_MATMUL_PRECIS
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain} \
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
+# alternatives (2026-11-27, written without a GPU): last_pre_bias=kernel adds the 64→128 upsampling conv's bias in the
+# last block's kernels, whose backward kernel sums its gradient (no XLA reduction over the 1 GB gradient);
+# first_backward=products writes the first block's backward pass out in bf16 with float32 sums (autodiff's has float32
+# [M, 4, C] arrays). Each against auto's default in the same run.
+want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
+  --batch-sizes 256 --torch channels_last --skip-inference --repeats 5 --formulations ${ALTERNATIVES:-auto \
+  auto+last_pre_bias=kernel auto+first_backward=products auto+first_backward=products+last_pre_bias=kernel}
 want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
-  --configs "backward xla" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"
+  --configs "backward xla" "backward products" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"
 # tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
 # $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.
 want tune_last && part tune_last 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks last \
@@ -81,7 +89,8 @@ want layers && part layers 100 $PY benchmarks/layer_profile.py --batch 256 --rep
 DWF=${DATA_WAIT_FORMULATION:-auto}
 if [[ $DWF == fastest ]]; then
   DWF=$(awk -F'|' '/^\| train step \| 256 \| jax .*\(project step/ {split($4, w, " "); gsub(/,/, "", $5);
-    if ($5 + 0 > best) {best = $5 + 0; f = w[2]}} END {print (f == "" ? "auto" : f)}' "$OUT/train_bf16.log" 2>/dev/null)
+    if (w[2] !~ /\+/ && $5 + 0 > best) {best = $5 + 0; f = w[2]}} END {print (f == "" ? "auto" : f)}' \
+    "$OUT/train_bf16.log" 2>/dev/null)
   DWF=${DWF:-auto}
 fi
 want data_wait && part data_wait ${DATA_WAIT_LIMIT:-100} $PY benchmarks/data_wait.py --batch 256 --steps ${DATA_WAIT_STEPS:-12} \

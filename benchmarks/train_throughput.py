@@ -10,6 +10,8 @@ average is printed before and after.
 - JAX: THE PROJECT'S STEP, ``cellssl_jax.training.step.make_train_step(model, optax.adam(1e-3), loss='bce',
   crop_steps='joint', mesh=make_data_mesh())`` on ``{'crops': (x,)}``: one Adam update on B images of 128×128×1 per
   call, state donated. One variant per ``--formulations`` entry (``auto`` = ``subpixel_vjp`` + 1-image slices on CPU).
+  An entry ``NAME+KEY=VALUE[+KEY=VALUE…]`` runs formulation NAME with those ``fused_blocks.TUNING`` entries set
+  while its functions are traced (e.g. ``auto+last_pre_bias=kernel``), so two settings are timed in the same run.
   With ``--finish device`` (what ``auto`` picks on an accelerator, as training does: ``input.finish``) the step is fed
   uint8 crops and photometric rows (a fifth of the images blurred, as the paper's p=0.2) and finishes them itself, so
   the time includes that work; PyTorch is always fed finished floats.
@@ -33,6 +35,7 @@ Prints a markdown table for BENCHMARKS.md (machine, date, exact command). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import shlex
@@ -73,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--formulations", nargs="+", default=["auto", "subpixel"],
-                   help="ConvAE formulations to time (cellssl_jax.models.convae.FORMULATIONS)")
+                   help="ConvAE formulations to time (cellssl_jax.models.convae.FORMULATIONS), each optionally "
+                        "+KEY=VALUE settings of cellssl_jax.models.fused_blocks.TUNING")
     p.add_argument("--micro-batch", type=int, default=None, help="ConvAE.micro_batch (default: the model's choice)")
     p.add_argument("--torch", nargs="*", default=["nchw", "channels_last", "compile"],
                    help="PyTorch variants (empty: none)")
@@ -110,6 +114,35 @@ def load_average() -> str:
 # ---------------------------------------------------------------------------------------------------------------- JAX
 
 
+def formulation_spec(spec: str) -> tuple[str, dict]:
+    """'auto+last_pre_bias=kernel+last_bwd_rows=1024' -> ('auto', {'last_pre_bias': 'kernel', 'last_bwd_rows': 1024})."""
+    from cellssl_jax.models import fused_blocks
+
+    name, *settings = spec.split("+")
+    overrides = {}
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        if not eq or key not in fused_blocks.TUNING:
+            raise SystemExit(f"--formulations {spec!r}: {setting!r} is not KEY=VALUE with KEY one of "
+                             f"{sorted(fused_blocks.TUNING)}")
+        overrides[key] = int(value) if value.isdigit() else value
+    return name, overrides
+
+
+@contextlib.contextmanager
+def tuned(overrides: dict):
+    """fused_blocks.TUNING with ``overrides`` while a variant's functions are traced (and called: a retrace sees them)."""
+    from cellssl_jax.models import fused_blocks
+
+    saved = dict(fused_blocks.TUNING)
+    fused_blocks.TUNING.update(overrides)
+    try:
+        yield
+    finally:
+        fused_blocks.TUNING.clear()
+        fused_blocks.TUNING.update(saved)
+
+
 def jax_variants(args, batch: int):
     """name -> (call, sync) for the project's step per formulation (+ optional extras)."""
     import jax
@@ -135,18 +168,20 @@ def jax_variants(args, batch: int):
     else:
         batch_arrays = {"crops": (on_device(x),)}
     variants = {}
-    for formulation in args.formulations:
+    for spec in args.formulations:
+        formulation, overrides = formulation_spec(spec)
         model = ConvAE(formulation=formulation, dtype=args.dtype, micro_batch=args.micro_batch)
         tx = optax.adam(1e-3)
         step = make_train_step(model, tx, loss="bce", crop_steps="joint", mesh=mesh)
         holder = [create_train_state(model, tx, 0, image_size=IMAGE_SIZE, mesh=mesh)]
 
-        def call(step=step, holder=holder):
-            holder[0], metrics = step(holder[0], batch_arrays)
+        def call(step=step, holder=holder, overrides=overrides):
+            with tuned(overrides):
+                holder[0], metrics = step(holder[0], batch_arrays)
             return metrics
 
         fed = ", finishing uint8 crops" if finish_on_device else ""
-        variants[f"jax {formulation} (project step{fed})"] = (call, jax.block_until_ready)
+        variants[f"jax {spec} (project step{fed})"] = (call, jax.block_until_ready)
     best = args.formulations[0]
     if args.minimal_step:
         variants[f"jax {best} (minimal step)"] = (minimal_step(args, best, on_device(x)), jax.block_until_ready)
@@ -164,6 +199,7 @@ def minimal_step(args, formulation, x, compiler_options=None):
 
     from cellssl_jax.models.convae import ConvAE, init_params
 
+    formulation, overrides = formulation_spec(formulation)
     model = ConvAE(formulation=formulation, dtype=args.dtype, micro_batch=args.micro_batch)
     tx = optax.adam(1e-3)
     params = init_params(model, jax.random.key(0), IMAGE_SIZE)
@@ -182,7 +218,8 @@ def minimal_step(args, formulation, x, compiler_options=None):
     holder = [(params, tx.init(params))]
 
     def call():
-        holder[0], loss = jitted(holder[0], x)
+        with tuned(overrides):
+            holder[0], loss = jitted(holder[0], x)
         return loss
 
     return call
@@ -196,11 +233,17 @@ def jax_encoder_variants(args, batch: int):
 
     x = jax.device_put(np.random.default_rng(1).random((batch, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32))
     out = {}
-    for formulation in args.formulations:
+    for spec in args.formulations:
+        formulation, overrides = formulation_spec(spec)
         model = ConvAE(formulation=formulation, dtype=args.dtype, micro_batch=args.micro_batch)
         params = init_params(model, jax.random.key(0), IMAGE_SIZE)
         encode = jax.jit(lambda p, v, model=model: model.apply({"params": p}, v, method="encode"))
-        out[f"jax {formulation} encode"] = (lambda encode=encode, params=params: encode(params, x), jax.block_until_ready)
+
+        def call(encode=encode, params=params, overrides=overrides):
+            with tuned(overrides):
+                return encode(params, x)
+
+        out[f"jax {spec} encode"] = (call, jax.block_until_ready)
     return out
 
 

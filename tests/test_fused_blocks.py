@@ -1,10 +1,11 @@
 """The fused one-channel blocks (cellssl_jax/models/fused_blocks.py) compute the unfused ops and their gradients:
-the first, max_pool(relu(conv(x) + b)); the last, conv(relu(pre)) + b to one channel.
+the first, max_pool(relu(conv(x) + b)); the last, conv(relu(pre + pre_bias)) + b to one channel.
 
 The Pallas kernel runs here through Pallas's interpreter (``pallas_interpret``), the same kernel code that Triton
 compiles on a GPU; on a GPU the compiled kernel is checked as well.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -38,9 +39,13 @@ def _last_inputs(seed, n, h, w, c, dtype=jnp.float32):
     return pre, kernel, bias, cot
 
 
-def _value_and_grads(fn, x, kernel, bias, cot):
-    y, vjp = jax.vjp(fn, x, kernel, bias)
-    return (y, *vjp(cot))
+def _value_and_grads(fn, *args_then_cotangent):
+    y, vjp = jax.vjp(fn, *args_then_cotangent[:-1])
+    return (y, *vjp(args_then_cotangent[-1]))
+
+
+NAMES = ("output", "d input", "d kernel", "d bias")
+BIASED_NAMES = ("output", "d input", "d pre_bias", "d kernel", "d bias")
 
 
 def _inputs(seed, n, h, w, c, dtype=jnp.float32):
@@ -52,11 +57,11 @@ def _inputs(seed, n, h, w, c, dtype=jnp.float32):
     return x, kernel, bias, cot
 
 
-def _assert_close(got, want, rtol, norm=np.inf):
+def _assert_close(got, want, rtol, norm=np.inf, names=NAMES):
     """Relative error ‖a − b‖ / ‖b‖ per output (max norm by default; bf16 checks use the 2-norm: where two
     sub-positions of a pooling window are within bf16 rounding of each other, the max's gradient may go to the other
     one, which moves a few elements of the input gradient wholesale)."""
-    for name, a, b in zip(("output", "d input", "d kernel", "d bias"), got, want):
+    for name, a, b in zip(names, got, want, strict=True):
         a, b = np.asarray(a, np.float32).ravel(), np.asarray(b, np.float32).ravel()
         assert a.shape == b.shape, name
         assert np.isfinite(a).all(), name
@@ -73,7 +78,8 @@ def test_fused_block_equals_conv_relu_pool_with_gradients(impl, shape):
     _assert_close(got, want, 1e-6)
 
 
-@pytest.mark.parametrize("impl,backward", [("xla", "xla"), ("pallas_interpret", "xla"), ("pallas_interpret", "pallas")])
+@pytest.mark.parametrize("impl,backward", [("xla", "xla"), ("pallas_interpret", "xla"), ("pallas_interpret", "pallas"),
+                                          ("pallas_interpret", "products")])
 def test_ties_in_the_pool_share_the_gradient_as_jax_does(impl, backward, monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
     # A flat image: all four sub-positions of most pooling windows have the same pre-activation, so the max's
@@ -92,7 +98,7 @@ def _relative_errors(got, want):
             / (np.linalg.norm(np.asarray(b, np.float32)) + 1e-12) for a, b in zip(got, want)]
 
 
-@pytest.mark.parametrize("backward", ["pallas", "xla"])
+@pytest.mark.parametrize("backward", ["pallas", "xla", "products"])
 def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward, monkeypatch):
     # In bf16 two sub-positions of a pooling window can round to the same value or swap order, which moves the max's
     # gradient to another pixel: the unfused ops have that too. The fused block must be no further from float32.
@@ -102,8 +108,27 @@ def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward
     want = _value_and_grads(_unfused, *[a.astype(jnp.float32) for a in bf])  # float32 on the same (rounded) inputs
     unfused_err = _relative_errors(_value_and_grads(_unfused, *bf), want)
     got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"), *bf)
-    for name, err, base in zip(("output", "d input", "d kernel", "d bias"), _relative_errors(got, want), unfused_err):
+    for name, err, base in zip(NAMES, _relative_errors(got, want), unfused_err, strict=True):
         assert np.isfinite(err) and err <= max(2e-2, 1.5 * base), f"{name}: {err:.2e} (unfused bf16: {base:.2e})"
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24)])
+def test_the_written_out_backward_equals_the_unfused_ops(shape, monkeypatch):
+    # first_backward="products": autodiff's backward pass of the patch products, written out in the input's dtype
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "products")
+    x, kernel, bias, cot = _inputs(10, *shape)
+    want = _value_and_grads(_unfused, x, kernel, bias, cot)
+    got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"),
+                           x, kernel, bias, cot)
+    _assert_close(got, want, 1e-6)
+
+
+def test_an_unknown_first_backward_is_refused(monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "cudnn")
+    x, kernel, bias, cot = _inputs(0, 1, 8, 8, 16)
+    with pytest.raises(ValueError, match=r"TUNING\['first_backward'\] must be one of"):
+        _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"),
+                         x, kernel, bias, cot)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
@@ -147,28 +172,70 @@ def test_fused_last_block_reads_the_phase_layout_as_the_interleaved_image(impl, 
     assert not d_pre[:, :, 0, :, 1].any() and not d_pre[:, :, w, :, 0].any()
 
 
+def _biased_last(phases, shape, **kw):
+    """The last block with the previous conv's bias given apart: (fused fn, unfused fn, inputs + cotangent)."""
+    n, h, w, c = shape
+    pre, kernel, bias, cot = (_phase_inputs if phases else _last_inputs)(8, n, h, w, c, **kw)
+    pre_bias = jnp.asarray(np.random.default_rng(9).normal(0, 0.5, (c,)), pre.dtype)  # moves the ReLU's mask
+
+    def unfused(p, pb, k, b):
+        return _unfused_last((interleave_phases(p, h, w) if phases else p) + pb, k, b)
+
+    def fused(p, pb, k, b, impl="pallas"):
+        return fused_blocks.relu_conv_to_one_channel(p, k, b, impl=impl, phases=phases, pre_bias=pb)
+
+    return fused, unfused, (pre, pre_bias, kernel, bias, cot)
+
+
+@pytest.mark.parametrize("impl,where", [("xla", "kernel"), ("pallas_interpret", "kernel"), ("pallas_interpret", "xla")])
+@pytest.mark.parametrize("phases,shape", [(False, (3, 16, 12, 32)), (False, (2, 10, 6, 24)), (True, (1, 5, 3, 24))])
+def test_fused_last_block_adds_the_previous_bias_with_its_gradient(impl, where, phases, shape, monkeypatch):
+    # conv(relu(pre + pre_bias)): the bias added in the kernels (the backward kernel sums its gradient on the way)
+    # or by XLA before them; either way the unfused ops' values and gradients, pre_bias's gradient included
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", where)
+    fused, unfused, args = _biased_last(phases, shape)
+    want = _value_and_grads(unfused, *args)
+    got = _value_and_grads(lambda *a: fused(*a, impl=impl), *args)
+    _assert_close(got, want, 1e-6, names=BIASED_NAMES)
+    assert float(jnp.abs(got[2]).max()) > 0
+
+
+def test_the_biased_last_block_in_bfloat16_is_as_close_to_float32_as_the_unfused_ops(monkeypatch):
+    # in bf16 pre + pre_bias rounds (the kernels round it as XLA's add does) and the ReLU's mask follows; the fused
+    # block must be no further from float32 than the unfused ops in bf16
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", "kernel")
+    fused, unfused, args = _biased_last(False, (2, 16, 16, 32), dtype=jnp.bfloat16)
+    want = _value_and_grads(unfused, *[a.astype(jnp.float32) for a in args])
+    base = _relative_errors(_value_and_grads(unfused, *args), want)
+    got = _relative_errors(_value_and_grads(lambda *a: fused(*a, impl="pallas_interpret"), *args), want)
+    for name, err, b in zip(BIASED_NAMES, got, base, strict=True):
+        assert np.isfinite(err) and err <= max(2e-2, 1.5 * b), f"{name}: {err:.2e} (unfused bf16: {b:.2e})"
+
+
 _SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from cellssl_jax.models import fused_blocks as fb
 from cellssl_jax.parallel import make_data_mesh
 assert jax.device_count() == 4
+fb.TUNING["last_pre_bias"] = "kernel"  # the previous bias's gradient summed in the kernel, then over devices
 mesh = make_data_mesh()
 rng = np.random.default_rng(0)
 arrays = [rng.random((8, 16, 16, 1)), rng.normal(0, .3, (3, 3, 1, 32)), rng.normal(0, .1, (32,)),
-          rng.normal(size=(8, 16, 16, 32)), rng.normal(0, .3, (3, 3, 32, 1)), rng.normal(0, .1, (1,))]
+          rng.normal(size=(8, 16, 16, 32)), rng.normal(0, .3, (3, 3, 32, 1)), rng.normal(0, .1, (1,)),
+          rng.normal(0, .5, (32,))]
 args = [jnp.asarray(a, jnp.float32) for a in arrays]
-def loss(x, k, b, pre, k2, b2):
+def loss(x, k, b, pre, k2, b2, pb):
     y1 = fb.conv_relu_pool_one_channel(x, k, b, "pallas_interpret")
-    y2 = fb.relu_conv_to_one_channel(pre, k2, b2, "pallas_interpret")
+    y2 = fb.relu_conv_to_one_channel(pre, k2, b2, "pallas_interpret", pre_bias=pb)
     return jnp.sum(y1 ** 2) + jnp.sum(jnp.sin(y2))
-grad = jax.grad(loss, argnums=tuple(range(6)))
+grad = jax.grad(loss, argnums=tuple(range(7)))
 want = grad(*args)
 def sharded(*a):
     with fb.batch_sharded(mesh):
         return grad(*a)
 batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep)).lower(*args)
+lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep, rep)).lower(*args)
 assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
 got = lowered.compile()(*args)
 for g, w in zip(got, want):
@@ -209,11 +276,16 @@ def test_rejects_what_it_cannot_fuse():
 _TRITON = "__gpu$xla.gpu.triton"
 
 
-def _triton_kernels_for_cuda(fn, *args) -> list[str]:
-    """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA, one entry per kernel call."""
+def _lowered_for_cuda(fn, *args) -> str:
+    """The StableHLO text of ``jax.jit(fn)(*args)`` lowered for CUDA."""
     exported = export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON)])(*args)
-    module = exported.mlir_module()
+    return exported.mlir_module()
+
+
+def _triton_kernels_for_cuda(fn, *args, module: str | None = None) -> list[str]:
+    """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA (or in ``module``), one entry per call."""
+    module = module if module is not None else _lowered_for_cuda(fn, *args)
     calls = [line for line in module.splitlines() if f"custom_call @{_TRITON}" in line]
     names = ["first_block_forward", "first_block_backward", "last_block_forward", "last_block_backward"]
     return sorted(name for line in calls for name in names if f'name = "{name}"' in line)
@@ -224,13 +296,19 @@ def _value_and_grad_of_sum(block, **kw):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("first_backward", ["xla", "pallas"])
+@pytest.mark.parametrize("first_backward", ["xla", "pallas", "products"])
 def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backward, monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", first_backward)
     x, k, b = jnp.zeros((8, 128, 128, 1), dtype), jnp.zeros((3, 3, 1, 32), dtype), jnp.zeros((32,), dtype)
-    first = _triton_kernels_for_cuda(_value_and_grad_of_sum(fused_blocks.conv_relu_pool_one_channel), x, k, b)
+    module = _lowered_for_cuda(_value_and_grad_of_sum(fused_blocks.conv_relu_pool_one_channel), x, k, b)
+    first = _triton_kernels_for_cuda(None, module=module)
     assert first == (["first_block_backward", "first_block_forward"] if first_backward == "pallas"
                      else ["first_block_forward"])
+    if dtype == jnp.bfloat16 and first_backward != "pallas":
+        # autodiff takes the products' float32 results literally: float32 [M, 4, C] arrays (M = 8·64·64), the
+        # pre-activation gradient among them, feed its weight gradient; the written-out backward has none
+        wide = [line for line in module.splitlines() if "tensor<32768x4x32xf32>" in line]
+        assert bool(wide) == (first_backward == "xla"), wide
     k, b = jnp.zeros((3, 3, 32, 1), dtype), jnp.zeros((1,), dtype)
     pre = jnp.zeros((8, 128, 128, 32), dtype)
     last = _triton_kernels_for_cuda(_value_and_grad_of_sum(fused_blocks.relu_conv_to_one_channel), pre, k, b)
@@ -242,12 +320,25 @@ def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backw
     assert phased == ["last_block_backward", "last_block_forward"]
 
 
-@pytest.mark.parametrize("formulation", ["fused_1ch", "fused_subpixel"])
-def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_last_block_with_the_previous_bias_lowers_to_triton_for_cuda(dtype, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", "kernel")
+    for phases, pre in ((False, jnp.zeros((8, 128, 128, 128), dtype)), (True, jnp.zeros((8, 65, 65, 4 * 128), dtype))):
+        args = (pre, jnp.zeros((128,), dtype), jnp.zeros((3, 3, 128, 1), dtype), jnp.zeros((1,), dtype))
+        block = functools.partial(fused_blocks.relu_conv_to_one_channel, impl="pallas", phases=phases)
+        grads = jax.value_and_grad(lambda p, pb, k, b: jnp.sum(block(p, k, b, pre_bias=pb).astype(jnp.float32)),
+                                   (0, 1, 2, 3))
+        assert _triton_kernels_for_cuda(grads, *args) == ["last_block_backward", "last_block_forward"]
+
+
+@pytest.mark.parametrize("formulation,pre_bias", [("fused_1ch", "xla"), ("fused_1ch", "kernel"),
+                                                  ("fused_subpixel", "xla"), ("fused_subpixel", "kernel")])
+def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, pre_bias, monkeypatch):
     from cellssl_jax.models.convae import ConvAE  # noqa: PLC0415
 
     # what `auto` decides on one GPU; here the backend is the CPU, so it is forced
     monkeypatch.setattr(fused_blocks, "pallas_supported", lambda *a: True)
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", pre_bias)
     model = ConvAE(formulation=formulation, dtype=jnp.bfloat16)
     x = jnp.zeros((8, 128, 128, 1), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
@@ -256,11 +347,17 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
     def loss(p):
         return jnp.mean((model.apply({"params": p}, x) - x) ** 2)
 
-    assert _triton_kernels_for_cuda(jax.value_and_grad(loss), params) == [
+    module = _lowered_for_cuda(jax.value_and_grad(loss), params)
+    assert _triton_kernels_for_cuda(None, module=module) == [
         "first_block_forward", "last_block_backward", "last_block_forward"]
+    # The upsampling conv's bias gradient: with "kernel" no reduction over its full-resolution output gradient is
+    # left to XLA (the backward kernel summed it); with "xla" there is exactly one.
+    full = "tensor<8x65x65x512x" if formulation == "fused_subpixel" else "tensor<8x128x128x128x"
+    reductions = [line for line in module.splitlines() if "stablehlo.reduce" in line and f"({full}" in line]
+    assert len(reductions) == (1 if pre_bias == "xla" else 0), reductions
 
 
-def _assert_compiled_close(fused, unfused, args, rtol):
+def _assert_compiled_close(fused, unfused, args, rtol, names=NAMES):
     """The compiled kernel (``fused``) against the unfused ops in float32 without TF32, on the same (rounded) inputs.
     float32: within ``rtol``. bfloat16: no further from that float32 reference than the unfused ops run in bfloat16 on
     the same card (1.5× their error, or ``rtol``), the CPU test's rule above: in bf16 the pool's max and the ReLU's
@@ -270,17 +367,19 @@ def _assert_compiled_close(fused, unfused, args, rtol):
         want = jax.jit(lambda *a: _value_and_grads(unfused, *a))(*[a.astype(jnp.float32) for a in args])
     got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*args)
     if args[0].dtype == jnp.float32:
-        _assert_close(got, want, rtol, norm=2)
+        _assert_close(got, want, rtol, norm=2, names=names)
         return
     base = _relative_errors(jax.jit(lambda *a: _value_and_grads(unfused, *a))(*args), want)
-    for name, a, err, b in zip(("output", "d input", "d kernel", "d bias"), got, _relative_errors(got, want), base):
+    for name, a, err, b in zip(names, got, _relative_errors(got, want), base, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all() and err <= max(rtol, 1.5 * b), (
             f"{name}: {err:.2e} (unfused bf16: {b:.2e})")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("backward", ["xla", "products"])
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol):
+def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol, backward, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
     args = [a.astype(dtype) for a in _inputs(3, 8, 128, 128, 128)]
     _assert_compiled_close(lambda *b: fused_blocks.conv_relu_pool_one_channel(*b, impl="pallas"), _unfused, args, rtol)
 
@@ -303,3 +402,12 @@ def test_compiled_gpu_last_block_kernel_reads_the_phase_layout(dtype, rtol):
 
     _assert_compiled_close(lambda *b: fused_blocks.relu_conv_to_one_channel(*b, impl="pallas", phases=True), unfused,
                            args, rtol)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("phases", [False, True])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_gpu_last_block_kernel_adds_the_previous_bias(dtype, rtol, phases, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", "kernel")
+    fused, unfused, args = _biased_last(phases, (8, 64, 64, 128) if phases else (8, 128, 128, 128))
+    _assert_compiled_close(fused, unfused, [a.astype(dtype) for a in args], rtol, names=BIASED_NAMES)

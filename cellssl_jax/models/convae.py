@@ -428,15 +428,16 @@ class ConvAE(nn.Module):
             one_channel = layers[3][0].shape[-1] == 1
             x = upsample_nearest_2x(nn.relu(_conv_reference(z, *layers[0])))
             x = nn.relu(_conv_reference(x, *layers[1]))
+            kernel, bias = layers[2]
             if formulation == "fused_subpixel" and one_channel:
-                kernel, bias = layers[2]
                 # the last upsampling conv in its phase layout [N, h+1, w+1, 4·C], read by the last block as it is
-                pre = lax.conv_general_dilated(x, all_phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
-                                               dimension_numbers=_DIMS) + jnp.tile(bias, 4)
-                return relu_conv_to_one_channel(pre, *layers[3], phases=True).astype(jnp.float32)
-            pre = _conv_reference(upsample_nearest_2x(x), *layers[2])
-            if formulation in _FUSED and one_channel:
-                return relu_conv_to_one_channel(pre, *layers[3]).astype(jnp.float32)
+                y = lax.conv_general_dilated(x, all_phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=_DIMS)
+                return relu_conv_to_one_channel(y, *layers[3], phases=True, pre_bias=bias).astype(jnp.float32)
+            if formulation in _FUSED and one_channel:  # the conv's bias goes to the last block (fused_blocks.TUNING)
+                y = lax.conv_general_dilated(upsample_nearest_2x(x), kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+                return relu_conv_to_one_channel(y, *layers[3], pre_bias=bias).astype(jnp.float32)
+            pre = _conv_reference(upsample_nearest_2x(x), kernel, bias)
             last = conv_to_one_channel_vjp if formulation == "plain_1ch" and one_channel else _conv_reference
             return last(nn.relu(pre), *layers[3]).astype(jnp.float32)
         x = nn.relu(_conv(z, *layers[0]))

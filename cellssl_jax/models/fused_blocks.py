@@ -1,7 +1,7 @@
 """The ConvAE's two one-channel blocks at full resolution, each fused into Pallas kernels.
 
 - ``conv_relu_pool_one_channel``: the first block, conv 3×3 (one input channel → C) + bias + ReLU + 2×2 max pool;
-- ``relu_conv_to_one_channel``: the last, ReLU of the previous layer's output + conv 3×3 (C → one channel) + bias.
+- ``relu_conv_to_one_channel``: the last, the previous conv's bias + ReLU + conv 3×3 (C → one channel) + bias.
 
 First block
 -----------
@@ -12,7 +12,11 @@ fused forward kernel reads a 16-column patch matrix (33 MB) and writes only the 
 H100 against 1.48 ms for cuDNN's convolution alone. Its backward kernel recomputes the four pre-activations of each
 pooled pixel instead of storing them, but its forward + backward ran at 3.9-43 ms there (six tilings) against 1.4 ms
 for formulation plain_1ch's products (pool aside), so by default the backward pass is XLA's autodiff of the same
-patch products (``TUNING["first_backward"]``), timed only inside the whole training step.
+patch products (``TUNING["first_backward"]``), timed only inside the whole training step. That autodiff takes the
+products' float32 results literally: lowered for CUDA, its weight gradient is a float32 product of [M, 4, C]
+converted to float32 (2 GB at batch 256) with the patches. ``"products"`` writes the same backward pass out with
+the products in the input's dtype and float32 sums (as cuDNN runs a bf16 weight gradient, and as plain_1ch's first
+layer does), the bias gradient a row of the same product.
 
 The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
 outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
@@ -26,9 +30,12 @@ Last block
 Its input is the 128-channel activation at full resolution (1 GB at batch 256 in bf16). Unfused, the backward pass
 writes the input gradient, reads it back with the activation to apply the ReLU's mask, writes the masked gradient,
 and reads the activation once more for the weight gradient. Fused, one pass reads the pre-activation and writes the
-masked gradient, with the weight gradient accumulated on the way. The math: with ``taps`` [M, 16] the 9 shifted
-copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in column 3i+j, zero-padded to 16), the input
-gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
+masked gradient, with the weight gradient accumulated on the way. The previous conv's bias (``pre_bias``) can be
+added in the kernels too (``TUNING["last_pre_bias"] = "kernel"``): the backward kernel then also sums the masked
+gradient into that bias's gradient as it writes it, which XLA otherwise does in a pass of its own over the 1 GB
+gradient (a reduction cannot fuse into a custom call), and the forward reads the bias-free conv output.
+The math: with ``taps`` [M, 16] the 9 shifted copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in
+column 3i+j, zero-padded to 16), the input gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
 nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (16 float32 values a pixel: a
 quarter of the bytes of 128 bf16 channels). The products are per pixel, so the kernels do not care in which order
 the M rows come: with ``phases=True`` the input is a sub-pixel upsampling conv's output in its phase layout
@@ -68,13 +75,20 @@ TUNING = {
     "first_stages": 2,
     "last_fwd_rows": 64, "last_fwd_warps": 4, "last_bwd_rows": 2048, "last_bwd_chunk": 32, "last_bwd_warps": 4,
     "last_stages": 2,
-    # The first block's backward pass: "pallas" (the kernel below; its fastest tiling above, 64 rows per program) or
-    # "xla" (autodiff of the patch products, which recomputes the pre-activations). On an H100 in bf16 at batch 256
+    # The first block's backward pass: "pallas" (the kernel below; its fastest tiling above, 64 rows per program),
+    # "xla" (autodiff of the patch products, which recomputes the pre-activations) or "products" (that backward pass
+    # written out in the input's dtype with float32 sums; not timed on a GPU yet). On an H100 in bf16 at batch 256
     # forward + backward kernel took 3.9-43 ms over six tilings against 1.4 ms for plain_1ch's products
     # (benchmarks/fused_blocks_tune.py, BENCHMARKS.md): "xla" by default. The last block's tiling above was within
     # 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training work at batch 256, bf16; 2026-11-27).
     "first_backward": "xla",
+    # The previous conv's bias in the last block: "xla" (added by XLA to the conv output, its gradient a reduction
+    # of its own over the 1 GB masked gradient) or "kernel" (added in the kernels, its gradient summed by the backward
+    # kernel on the way). Same function (tests/test_fused_blocks.py); neither "kernel" nor "products" above is timed
+    # on a GPU yet (benchmarks/gpu_session.sh, part alternatives), so the measured forms stay the defaults.
+    "last_pre_bias": "xla",
 }
+FIRST_BACKWARDS = ("xla", "products", "pallas")
 _UNROLL = 8  # at most this many chunks per program are unrolled; more run in a loop
 
 
@@ -154,15 +168,15 @@ def _batch_split():
     return ctx if ctx is not None and ctx[0].shape[ctx[1]] > 1 else None
 
 
-def _on_each_device(fn, x, kernel, bias):
-    """``fn(x, kernel, bias)`` with x split over the batch mesh, when there is one."""
+def _on_each_device(fn, x, *params):
+    """``fn(x, *params)`` with x split over the batch mesh, when there is one (the parameters replicated)."""
     split = _batch_split()
     if split is None:
-        return fn(x, kernel, bias)
+        return fn(x, *params)
     mesh, axis = split
     # check_vma off: pallas_call carries no varying-axes rule; the specs below say what varies
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(axis), check_vma=False)(
-        x, kernel, bias)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(axis),) + (P(),) * len(params), out_specs=P(axis),
+                         check_vma=False)(x, *params)
 
 
 def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
@@ -315,9 +329,14 @@ def _fused_fwd(x, kernel, bias, interpret):
 
 def _fused_bwd(interpret, res, g):
     x, kernel, bias = res
+    if TUNING["first_backward"] not in FIRST_BACKWARDS:
+        raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, "
+                         f"got {TUNING['first_backward']!r}")
     if TUNING["first_backward"] == "xla":
         _, vjp = jax.vjp(_xla, x, kernel, bias)
         return vjp(g)
+    if TUNING["first_backward"] == "products":
+        return _products_bwd(x, kernel, bias, g)
     q, from_patches = jax.vjp(patches_4x4, x)
     wp, to_kernel = jax.vjp(phase_weights, kernel.astype(jnp.float32))
     dq, dw, db = _backward_call(q, wp.astype(x.dtype), bias, g.reshape(-1, g.shape[-1]), interpret)
@@ -327,6 +346,30 @@ def _fused_bwd(interpret, res, g):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _products_bwd(x, kernel, bias, g):
+    """The VJP of ``_xla`` written out, every [M, 4, C] array in x's dtype, every sum in float32.
+
+    JAX's rules for the unfused ops, as autodiff applies them: the max shares the cotangent equally among tied
+    sub-positions, the ReLU passes nothing at or below zero (so a pooled pixel whose best pre-activation is ≤ 0 gets
+    nothing). The pre-activations are recomputed, rounded as ``_xla`` rounds them."""
+    dtype = x.dtype
+    q, from_patches = jax.vjp(patches_4x4, x)
+    wp, to_kernel = jax.vjp(phase_weights, kernel.astype(jnp.float32))  # places the taps: exact in any dtype
+    wp = wp.astype(dtype)
+    z = jnp.einsum("mk,skc->msc", q, wp) + bias  # x's dtype out: float32 sums, rounded once, as _xla's
+    best = jnp.max(z, axis=1, keepdims=True)
+    hits = z == best
+    ties = jnp.sum(hits, axis=1, keepdims=True, dtype=jnp.int32).astype(dtype)
+    share = jnp.where(best > 0, g.reshape(best.shape) / ties, jnp.zeros((), dtype))
+    dz = jnp.where(hits, share, jnp.zeros((), dtype))  # [M, 4, C]
+    q1 = jnp.concatenate([q, jnp.ones((q.shape[0], 1), dtype)], axis=1)  # a row of ones: the bias gradient
+    dw1 = jnp.einsum("mk,msc->skc", q1, dz, preferred_element_type=jnp.float32)  # [4, 17, C]
+    dq = jnp.einsum("msc,skc->mk", dz, wp, preferred_element_type=jnp.float32).astype(dtype)  # XLA drops it unused
+    (dx,) = from_patches(dq)
+    (dk,) = to_kernel(dw1[:, :16])
+    return dx, dk.astype(kernel.dtype), dw1[:, 16].sum(axis=0).astype(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,19 +418,24 @@ def _conv_output(partials: jax.Array, dtype, bias: jax.Array) -> jax.Array:
     return y[..., None].astype(dtype) + bias
 
 
-def _last_xla(pre: jax.Array, kernel: jax.Array, bias: jax.Array, phases: bool) -> jax.Array:
-    partials = jnp.matmul(jax.nn.relu(pre).reshape(-1, kernel.shape[2]), _tap_kernel(kernel).T,
-                          preferred_element_type=jnp.float32)
+def _last_xla(pre: jax.Array, pre_bias: jax.Array | None, kernel: jax.Array, bias: jax.Array,
+              phases: bool) -> jax.Array:
+    rows = pre.reshape(-1, kernel.shape[2])
+    rows = rows if pre_bias is None else rows + pre_bias
+    partials = jnp.matmul(jax.nn.relu(rows), _tap_kernel(kernel).T, preferred_element_type=jnp.float32)
     return _conv_output(_rows_to_image(partials, pre, phases), pre.dtype, bias)
 
 
 def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "auto",
-                             phases: bool = False) -> jax.Array:
-    """conv3x3_same(relu(pre), kernel) + bias for an HWIO kernel [3, 3, C, 1]; NHWC, output [N, H, W, 1].
+                             phases: bool = False, pre_bias: jax.Array | None = None) -> jax.Array:
+    """conv3x3_same(relu(pre + pre_bias), kernel) + bias for an HWIO kernel [3, 3, C, 1]; NHWC, output [N, H, W, 1].
 
+    ``pre_bias`` [C] (optional): the previous conv's bias, so that ``pre`` can be that conv's output without it; where
+    it is added is ``TUNING["last_pre_bias"]``'s choice (module docstring).
     ``phases=True``: ``pre`` is the output of a sub-pixel upsampling conv in its phase layout, [N, h+1, w+1, 4·C]
     (``subpixel.interleave_phases`` of it is the [N, 2h, 2w, C] image it stands for); the output is [N, 2h, 2w, 1],
-    the same as for that image, which is never formed, nor is its gradient.
+    the same as for that image, which is never formed, nor is its gradient. ``pre_bias`` is then the C channels' bias,
+    the same for every phase.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -395,93 +443,135 @@ def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array,
     if kernel.shape[-1] != 1 or kernel.shape[2] != c or (phases and pre.shape[-1] != 4 * c):
         layout = f"a phase-layout input of 4·{c} channels" if phases else f"an input of {c} channels"
         raise ValueError(f"the fused last block needs a kernel [3, 3, {c}, 1] for {layout}, got {kernel.shape}")
+    if pre_bias is not None and pre_bias.shape != (c,):
+        raise ValueError(f"the fused last block's pre_bias must have shape ({c},), got {pre_bias.shape}")
     if impl == "auto":
         impl = "pallas" if pallas_supported(pre, kernel.swapaxes(2, 3)) else "xla"
     if impl == "xla":
-        return _last_xla(pre, kernel, bias, phases)
+        return _last_xla(pre, pre_bias, kernel, bias, phases)
+    if pre_bias is not None and TUNING["last_pre_bias"] == "xla":
+        pre = pre + (jnp.tile(pre_bias, 4) if phases else pre_bias)
+        pre_bias = None
     interpret = impl == "pallas_interpret"
-    return _on_each_device(lambda *a: _last_fused(*a, interpret, phases), pre, kernel, bias)
+    if pre_bias is None:
+        return _on_each_device(lambda p, k, b: _last_fused(p, None, k, b, interpret, phases), pre, kernel, bias)
+    return _on_each_device(lambda *a: _last_fused(*a, interpret, phases), pre, pre_bias, kernel, bias)
 
 
-def _last_forward_kernel(pre_ref, kt_ref, out_ref):
-    a = jnp.maximum(pre_ref[...], 0)
+def _biased(pre, pre_bias):
+    """pre + pre_bias rounded to pre's dtype, as XLA's add of the unfused ops rounds it (the ReLU's mask depends on
+    it); pre itself without a bias (the kernels then read no bias at all: the form timed before the bias moved in)."""
+    if pre_bias is None:
+        return pre
+    return (pre.astype(jnp.float32) + pre_bias.astype(jnp.float32)).astype(pre.dtype)
+
+
+def _last_forward_kernel(*refs, biased):
+    pre_ref, pb_ref, kt_ref, out_ref = refs if biased else (refs[0], None, *refs[1:])
+    a = jnp.maximum(_biased(pre_ref[...], pb_ref[...] if biased else None), 0)
     out_ref[...] = _dot(a, kt_ref[...], a.dtype)
 
 
-def _last_backward_kernel(taps_ref, taps_t_ref, pre_ref, k_ref, dpre_ref, dk_ref, *, chunk_size):
+def _last_backward_kernel(*refs, chunk_size, biased):
+    """One program: a tile of pixels in chunks; writes their masked input gradient and accumulates its partial weight
+    gradient and, when biased, the previous bias's (the column sums of the masked gradient, as written)."""
+    if biased:
+        taps_ref, taps_t_ref, pre_ref, pb_ref, k_ref, dpre_ref, dk_ref, dpb_ref = refs
+        pb = pb_ref[...]
+    else:
+        (taps_ref, taps_t_ref, pre_ref, k_ref, dpre_ref, dk_ref), pb = refs, None
     dtype = pre_ref.dtype
     c = pre_ref.shape[-1]
 
-    def chunk(i, dk):
+    def chunk(i, acc):
+        dk, dpb = acc
         rows = _chunk_rows(i, chunk_size)
-        pre = pre_ref[rows, :]
+        a = _biased(pre_ref[rows, :], pb)
         da = _dot(taps_ref[rows, :], k_ref[...], dtype)
-        dpre_ref[rows, :] = jnp.where(pre > 0, da, 0.0).astype(dpre_ref.dtype)
-        return dk + _dot(taps_t_ref[:, rows], jnp.maximum(pre, 0), dtype)
+        dpre = jnp.where(a > 0, da, 0.0).astype(dpre_ref.dtype)
+        dpre_ref[rows, :] = dpre
+        if biased:
+            dpb = dpb + jnp.sum(dpre.astype(jnp.float32), axis=0, keepdims=True)
+        return dk + _dot(taps_t_ref[:, rows], jnp.maximum(a, 0), dtype), dpb
 
-    dk = _over_chunks(pre_ref.shape[0] // chunk_size, chunk, jnp.zeros((16, c), jnp.float32))
+    zeros = (jnp.zeros((16, c), jnp.float32), jnp.zeros((1, c), jnp.float32) if biased else None)
+    dk, dpb = _over_chunks(pre_ref.shape[0] // chunk_size, chunk, zeros)
     dk_ref[0, :, :] = dk
+    if biased:
+        dpb_ref[...] = dpb
 
 
-def _last_forward_call(pre2d, kt, interpret):
+def _last_forward_call(pre2d, pre_bias, kt, interpret):
     m, c = pre2d.shape
     tile = TUNING["last_fwd_rows"]
     pre2d = _padded_rows(pre2d, tile)
+    biased = pre_bias is not None
+    bias_in = [pre_bias.reshape(1, c)] if biased else []
     out = pl.pallas_call(
-        _last_forward_kernel,
+        functools.partial(_last_forward_kernel, biased=biased),
         out_shape=jax.ShapeDtypeStruct((pre2d.shape[0], 16), jnp.float32),
         grid=(pre2d.shape[0] // tile,),
         in_specs=[pl.BlockSpec((tile, c), lambda i: (i, 0)),
+                  *[pl.BlockSpec((1, c), lambda i: (0, 0))] * biased,
                   pl.BlockSpec((c, 16), lambda i: (0, 0))],
         out_specs=pl.BlockSpec((tile, 16), lambda i: (i, 0)),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params("last", "fwd"),
         name="last_block_forward",
-    )(pre2d, kt)
+    )(pre2d, *bias_in, kt)
     return out[:m]
 
 
-def _last_backward_call(taps, pre2d, k16, interpret):
+def _last_backward_call(taps, pre2d, pre_bias, k16, interpret):
+    """(masked input gradient, weight gradient [16, C], the previous bias's gradient [C] or None when unbiased)."""
     m, c = pre2d.shape
     chunk_size, rows = _backward_tiles(m, TUNING["last_bwd_chunk"], TUNING["last_bwd_rows"])
     taps, pre2d = _padded_rows(taps, rows), _padded_rows(pre2d, rows)  # padded rows: zero taps, zero gradient
     programs = pre2d.shape[0] // rows
-    dpre, dk = pl.pallas_call(
-        functools.partial(_last_backward_kernel, chunk_size=chunk_size),
+    biased = pre_bias is not None
+    bias_in = [pre_bias.reshape(1, c)] if biased else []
+    out = pl.pallas_call(
+        functools.partial(_last_backward_kernel, chunk_size=chunk_size, biased=biased),
         out_shape=(jax.ShapeDtypeStruct(pre2d.shape, pre2d.dtype),
-                   jax.ShapeDtypeStruct((programs, 16, c), jnp.float32)),
+                   jax.ShapeDtypeStruct((programs, 16, c), jnp.float32),
+                   *[jax.ShapeDtypeStruct((programs, c), jnp.float32)] * biased),
         grid=(programs,),
         in_specs=[pl.BlockSpec((rows, 16), lambda i: (i, 0)),
                   pl.BlockSpec((16, rows), lambda i: (0, i)),
                   pl.BlockSpec((rows, c), lambda i: (i, 0)),
+                  *[pl.BlockSpec((1, c), lambda i: (0, 0))] * biased,
                   pl.BlockSpec((16, c), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((rows, c), lambda i: (i, 0)),
-                   pl.BlockSpec((1, 16, c), lambda i: (i, 0, 0))),
+                   pl.BlockSpec((1, 16, c), lambda i: (i, 0, 0)),
+                   *[pl.BlockSpec((1, c), lambda i: (i, 0))] * biased),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params("last", "bwd"),
         name="last_block_backward",
-    )(taps, taps.T, pre2d, k16)
-    return dpre[:m], dk.sum(axis=0)
+    )(taps, taps.T, pre2d, *bias_in, k16)
+    dpre, dk = out[0], out[1]
+    return dpre[:m], dk.sum(axis=0), out[2].sum(axis=0) if biased else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _last_fused(pre, kernel, bias, interpret, phases):
-    return _last_fused_fwd(pre, kernel, bias, interpret, phases)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _last_fused(pre, pre_bias, kernel, bias, interpret, phases):
+    return _last_fused_fwd(pre, pre_bias, kernel, bias, interpret, phases)[0]
 
 
-def _last_fused_fwd(pre, kernel, bias, interpret, phases):
-    partials = _last_forward_call(pre.reshape(-1, kernel.shape[2]), _tap_kernel(kernel).T, interpret)
-    return _conv_output(_rows_to_image(partials, pre, phases), pre.dtype, bias), (pre, kernel)
+def _last_fused_fwd(pre, pre_bias, kernel, bias, interpret, phases):
+    partials = _last_forward_call(pre.reshape(-1, kernel.shape[2]), pre_bias, _tap_kernel(kernel).T, interpret)
+    return _conv_output(_rows_to_image(partials, pre, phases), pre.dtype, bias), (pre, pre_bias, kernel)
 
 
 def _last_fused_bwd(interpret, phases, res, dy):
-    pre, kernel = res
+    pre, pre_bias, kernel = res
     taps = _image_to_rows(_adjoint_taps(dy[..., 0]), phases)
     k16, to_kernel = jax.vjp(_tap_kernel, kernel.astype(jnp.float32))
-    dpre, dk16 = _last_backward_call(taps, pre.reshape(-1, kernel.shape[2]), k16.astype(pre.dtype), interpret)
+    dpre, dk16, dpb = _last_backward_call(taps, pre.reshape(-1, kernel.shape[2]), pre_bias, k16.astype(pre.dtype),
+                                          interpret)
     (dk,) = to_kernel(dk16)
     db = jnp.sum(dy, dtype=jnp.float32)[None]
-    return dpre.reshape(pre.shape), dk.astype(kernel.dtype), db.astype(kernel.dtype)
+    dpb = None if pre_bias is None else dpb.astype(pre_bias.dtype)
+    return dpre.reshape(pre.shape), dpb, dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
 
 _last_fused.defvjp(_last_fused_fwd, _last_fused_bwd)
