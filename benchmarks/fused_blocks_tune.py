@@ -25,11 +25,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from cellssl_jax import platform  # noqa: E402,F401  (XLA flags before the JAX backend starts)
 
 # (name, overrides of fused_blocks.TUNING without the block's prefix); each block is timed with each. The first
-# block's rows time its Pallas backward kernel unless they say "backward xla".
+# block's rows time its Pallas backward kernel unless they name another backward pass ("backward xla", ...).
 CONFIGS = (
     ("loop 2048/32 w4", {"bwd_rows": 2048, "bwd_chunk": 32}),
     ("backward xla", {"backward": "xla"}),
     ("backward products", {"backward": "products"}),
+    ("backward saved", {"backward": "saved"}),
     ("tile 64 w4", {"bwd_rows": 64, "bwd_chunk": 64}),
     ("tile 128 w4", {"bwd_rows": 128, "bwd_chunk": 128}),
     ("unroll 256/64 w4", {"bwd_rows": 256, "bwd_chunk": 64}),

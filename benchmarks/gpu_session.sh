@@ -18,11 +18,11 @@
 # that it finishes itself, as training on a GPU runs since 2026-11-26; --finish host gives the float-fed step of the
 # earlier figures); the per-layer profile; then the data-wait measurement in steady state (the default Grain pipeline
 # with 12 worker processes feeding the bf16 step of DATA_WAIT_FORMULATION), with the crops finished on the GPU
-# (input.finish=auto) and on the host. About 9 minutes on an H200 with a cold compilation cache (2026-11-26: batch
-# 1024 added ~50 s of XLA autotuning per formulation, so it is left out here); 2026-11-27's three H100 runs
-# (BENCHMARKS.md) took 290, 166 and 109 s. Python packages that the machine lacks (grain, array-record,
-# ml-collections, portpicker, pytest) are installed from wheels in ./.whl when present; fetch them where pip works,
-# for the GPU machine's Python (3.12 on the machines used so far):
+# (input.finish=auto) and on the host. All default parts exceed one 600 s call (their limits add up to ~25 min):
+# name a few per call (2026-11-27's three H100 runs of 2-4 parts each took 290, 166 and 109 s; BENCHMARKS.md). The
+# next lease's first call: PARTS='env kernels alternatives' (their limits add up to 570 s). Python packages that
+# the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from wheels in ./.whl
+# when present; fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     grain==0.2.18 array-record==0.8.6 ml_collections==1.1.0 portpicker pytest pluggy iniconfig pygments packaging
@@ -54,7 +54,7 @@ want env && part env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver
   \"optax\", optax.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__)'"
 # kernels: the compiled Triton kernels against the unfused ops, then the fused formulations' whole model (outputs and
 # gradients) against plain, in float32 with full-precision convolutions (GPU float32 convs default to TF32).
-want kernels && part kernels ${KERNELS_LIMIT:-120} env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q \
+want kernels && part kernels ${KERNELS_LIMIT:-240} env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q \
   -p no:cacheprovider -p no:xdist tests/test_fused_blocks.py tests/test_model.py -k "${KERNELS_K:-compiled or (fast_formulation and fused)}"
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain} \
@@ -62,12 +62,15 @@ want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_thro
 # alternatives (2026-11-27, written without a GPU): last_pre_bias=kernel adds the 64→128 upsampling conv's bias in the
 # last block's kernels, whose backward kernel sums its gradient (no XLA reduction over the 1 GB gradient);
 # first_backward=products writes the first block's backward pass out in bf16 with float32 sums (autodiff's has float32
-# [M, 4, C] arrays). Each against auto's default in the same run.
-want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
+# [M, 4, C] arrays); first_backward=saved reads the pooling mask its forward kernel saved (nothing recomputed). Each
+# against auto's default in the same run.
+want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-300} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --torch channels_last --skip-inference --repeats 5 --formulations ${ALTERNATIVES:-auto \
-  auto+last_pre_bias=kernel auto+first_backward=products auto+first_backward=products+last_pre_bias=kernel}
-want tune && part tune 100 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
-  --configs "backward xla" "backward products" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" "loop 1024/64 w4 s1" "fwd 128 w8"
+  auto+last_pre_bias=kernel auto+first_backward=products auto+first_backward=saved \
+  auto+first_backward=saved+last_pre_bias=kernel}
+want tune && part tune 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
+  --configs "backward xla" "backward products" "backward saved" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" \
+  "loop 1024/64 w4 s1" "fwd 128 w8"
 # tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
 # $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.
 want tune_last && part tune_last 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks last \

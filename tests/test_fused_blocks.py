@@ -79,7 +79,7 @@ def test_fused_block_equals_conv_relu_pool_with_gradients(impl, shape):
 
 
 @pytest.mark.parametrize("impl,backward", [("xla", "xla"), ("pallas_interpret", "xla"), ("pallas_interpret", "pallas"),
-                                          ("pallas_interpret", "products")])
+                                          ("pallas_interpret", "products"), ("pallas_interpret", "saved")])
 def test_ties_in_the_pool_share_the_gradient_as_jax_does(impl, backward, monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
     # A flat image: all four sub-positions of most pooling windows have the same pre-activation, so the max's
@@ -87,6 +87,7 @@ def test_ties_in_the_pool_share_the_gradient_as_jax_does(impl, backward, monkeyp
     x, kernel, bias, cot = _inputs(1, 2, 8, 8, 16)
     x = jnp.full_like(x, 0.5).at[:, :2].set(0.9)
     bias = bias.at[8:].set(-10.0)
+    kernel, bias = kernel.at[..., 4:8].set(0.0), bias.at[4:8].set(0.0)  # pre-activations exactly 0: ReLU passes nothing
     want = _value_and_grads(_unfused, x, kernel, bias, cot)
     got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl=impl), x, kernel, bias, cot)
     _assert_close(got, want, 1e-6)
@@ -98,7 +99,7 @@ def _relative_errors(got, want):
             / (np.linalg.norm(np.asarray(b, np.float32)) + 1e-12) for a, b in zip(got, want)]
 
 
-@pytest.mark.parametrize("backward", ["pallas", "xla", "products"])
+@pytest.mark.parametrize("backward", ["pallas", "xla", "products", "saved"])
 def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward, monkeypatch):
     # In bf16 two sub-positions of a pooling window can round to the same value or swap order, which moves the max's
     # gradient to another pixel: the unfused ops have that too. The fused block must be no further from float32.
@@ -112,10 +113,12 @@ def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward
         assert np.isfinite(err) and err <= max(2e-2, 1.5 * base), f"{name}: {err:.2e} (unfused bf16: {base:.2e})"
 
 
+@pytest.mark.parametrize("backward", ["products", "saved"])
 @pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24)])
-def test_the_written_out_backward_equals_the_unfused_ops(shape, monkeypatch):
-    # first_backward="products": autodiff's backward pass of the patch products, written out in the input's dtype
-    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "products")
+def test_the_other_backward_passes_equal_the_unfused_ops(shape, backward, monkeypatch):
+    # "products": autodiff's backward pass of the patch products written out in the input's dtype; "saved": kernels
+    # that read the pooling mask the forward kernel saved (no recomputation)
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
     x, kernel, bias, cot = _inputs(10, *shape)
     want = _value_and_grads(_unfused, x, kernel, bias, cot)
     got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"),
@@ -218,7 +221,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cellssl_jax.models import fused_blocks as fb
 from cellssl_jax.parallel import make_data_mesh
 assert jax.device_count() == 4
-fb.TUNING["last_pre_bias"] = "kernel"  # the previous bias's gradient summed in the kernel, then over devices
 mesh = make_data_mesh()
 rng = np.random.default_rng(0)
 arrays = [rng.random((8, 16, 16, 1)), rng.normal(0, .3, (3, 3, 1, 32)), rng.normal(0, .1, (32,)),
@@ -230,17 +232,20 @@ def loss(x, k, b, pre, k2, b2, pb):
     y2 = fb.relu_conv_to_one_channel(pre, k2, b2, "pallas_interpret", pre_bias=pb)
     return jnp.sum(y1 ** 2) + jnp.sum(jnp.sin(y2))
 grad = jax.grad(loss, argnums=tuple(range(7)))
-want = grad(*args)
 def sharded(*a):
     with fb.batch_sharded(mesh):
         return grad(*a)
 batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep, rep)).lower(*args)
-assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
-got = lowered.compile()(*args)
-for g, w in zip(got, want):
-    err = float(jnp.abs(g - w).max() / (jnp.abs(w).max() + 1e-12))
-    assert err < 1e-5, err
+# the defaults, then the alternatives whose gradients come from kernels (summed over devices by shard_map)
+for where, first in (("xla", "xla"), ("kernel", "saved")):
+    fb.TUNING.update(last_pre_bias=where, first_backward=first)
+    want = grad(*args)
+    lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep, rep)).lower(*args)
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+    got = lowered.compile()(*args)
+    for g, w in zip(got, want):
+        err = float(jnp.abs(g - w).max() / (jnp.abs(w).max() + 1e-12))
+        assert err < 1e-5, (where, err)
 print("ok")
 """
 
@@ -287,7 +292,8 @@ def _triton_kernels_for_cuda(fn, *args, module: str | None = None) -> list[str]:
     """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA (or in ``module``), one entry per call."""
     module = module if module is not None else _lowered_for_cuda(fn, *args)
     calls = [line for line in module.splitlines() if f"custom_call @{_TRITON}" in line]
-    names = ["first_block_forward", "first_block_backward", "last_block_forward", "last_block_backward"]
+    names = ["first_block_forward", "first_block_backward", "first_block_weight_grad", "first_block_input_grad",
+             "last_block_forward", "last_block_backward"]
     return sorted(name for line in calls for name in names if f'name = "{name}"' in line)
 
 
@@ -296,14 +302,15 @@ def _value_and_grad_of_sum(block, **kw):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("first_backward", ["xla", "pallas", "products"])
+@pytest.mark.parametrize("first_backward", ["xla", "pallas", "products", "saved"])
 def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backward, monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", first_backward)
     x, k, b = jnp.zeros((8, 128, 128, 1), dtype), jnp.zeros((3, 3, 1, 32), dtype), jnp.zeros((32,), dtype)
     module = _lowered_for_cuda(_value_and_grad_of_sum(fused_blocks.conv_relu_pool_one_channel), x, k, b)
     first = _triton_kernels_for_cuda(None, module=module)
-    assert first == (["first_block_backward", "first_block_forward"] if first_backward == "pallas"
-                     else ["first_block_forward"])
+    assert first == {"pallas": ["first_block_backward", "first_block_forward"],
+                     "saved": ["first_block_forward", "first_block_input_grad", "first_block_weight_grad"]}.get(
+        first_backward, ["first_block_forward"])
     if dtype == jnp.bfloat16 and first_backward != "pallas":
         # autodiff takes the products' float32 results literally: float32 [M, 4, C] arrays (M = 8·64·64), the
         # pre-activation gradient among them, feed its weight gradient; the written-out backward has none
@@ -320,25 +327,41 @@ def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backw
     assert phased == ["last_block_backward", "last_block_forward"]
 
 
+@pytest.mark.parametrize("where", ["xla", "kernel"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_the_last_block_with_the_previous_bias_lowers_to_triton_for_cuda(dtype, monkeypatch):
-    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", "kernel")
+def test_the_last_block_with_the_previous_bias_lowers_to_triton_for_cuda(dtype, where, monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", where)
     for phases, pre in ((False, jnp.zeros((8, 128, 128, 128), dtype)), (True, jnp.zeros((8, 65, 65, 4 * 128), dtype))):
         args = (pre, jnp.zeros((128,), dtype), jnp.zeros((3, 3, 128, 1), dtype), jnp.zeros((1,), dtype))
         block = functools.partial(fused_blocks.relu_conv_to_one_channel, impl="pallas", phases=phases)
         grads = jax.value_and_grad(lambda p, pb, k, b: jnp.sum(block(p, k, b, pre_bias=pb).astype(jnp.float32)),
                                    (0, 1, 2, 3))
-        assert _triton_kernels_for_cuda(grads, *args) == ["last_block_backward", "last_block_forward"]
+        module = _lowered_for_cuda(grads, *args)
+        assert _triton_kernels_for_cuda(None, module=module) == ["last_block_backward", "last_block_forward"]
+        # pre_bias's gradient: XLA's reduction over the full input gradient, or the backward kernel's column sums
+        full = f"({'tensor<8x65x65x512x' if phases else 'tensor<8x128x128x128x'}"
+        reductions = [line for line in module.splitlines() if "stablehlo.reduce" in line and full in line]
+        assert len(reductions) == (1 if where == "xla" else 0), reductions
 
 
-@pytest.mark.parametrize("formulation,pre_bias", [("fused_1ch", "xla"), ("fused_1ch", "kernel"),
-                                                  ("fused_subpixel", "xla"), ("fused_subpixel", "kernel")])
-def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, pre_bias, monkeypatch):
+def test_an_unknown_last_pre_bias_is_refused(monkeypatch):
+    monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", "XLA")
+    pre, kernel, bias, _ = _last_inputs(0, 1, 8, 8, 16)
+    with pytest.raises(ValueError, match=r"TUNING\['last_pre_bias'\] must be one of"):
+        fused_blocks.relu_conv_to_one_channel(pre, kernel, bias, impl="pallas_interpret", pre_bias=bias.repeat(16))
+
+
+@pytest.mark.parametrize("formulation,pre_bias,first_backward", [
+    ("fused_1ch", "xla", "xla"), ("fused_1ch", "kernel", "saved"), ("fused_subpixel", "xla", "xla"),
+    ("fused_subpixel", "kernel", "xla")])
+def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, pre_bias, first_backward,
+                                                                              monkeypatch):
     from cellssl_jax.models.convae import ConvAE  # noqa: PLC0415
 
     # what `auto` decides on one GPU; here the backend is the CPU, so it is forced
     monkeypatch.setattr(fused_blocks, "pallas_supported", lambda *a: True)
     monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", pre_bias)
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", first_backward)
     model = ConvAE(formulation=formulation, dtype=jnp.bfloat16)
     x = jnp.zeros((8, 128, 128, 1), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
@@ -348,8 +371,9 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
         return jnp.mean((model.apply({"params": p}, x) - x) ** 2)
 
     module = _lowered_for_cuda(jax.value_and_grad(loss), params)
-    assert _triton_kernels_for_cuda(None, module=module) == [
-        "first_block_forward", "last_block_backward", "last_block_forward"]
+    # "saved": the weight-gradient kernel; its input-gradient kernel is dropped, since the images need no gradient
+    first = ["first_block_forward"] + (["first_block_weight_grad"] if first_backward == "saved" else [])
+    assert _triton_kernels_for_cuda(None, module=module) == first + ["last_block_backward", "last_block_forward"]
     # The upsampling conv's bias gradient: with "kernel" no reduction over its full-resolution output gradient is
     # left to XLA (the backward kernel summed it); with "xla" there is exactly one.
     full = "tensor<8x65x65x512x" if formulation == "fused_subpixel" else "tensor<8x128x128x128x"
@@ -376,7 +400,7 @@ def _assert_compiled_close(fused, unfused, args, rtol, names=NAMES):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
-@pytest.mark.parametrize("backward", ["xla", "products"])
+@pytest.mark.parametrize("backward", ["xla", "products", "saved"])
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_compiled_gpu_kernel_matches_the_unfused_ops(dtype, rtol, backward, monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)

@@ -16,7 +16,11 @@ patch products (``TUNING["first_backward"]``), timed only inside the whole train
 products' float32 results literally: lowered for CUDA, its weight gradient is a float32 product of [M, 4, C]
 converted to float32 (2 GB at batch 256) with the patches. ``"products"`` writes the same backward pass out with
 the products in the input's dtype and float32 sums (as cuDNN runs a bf16 weight gradient, and as plain_1ch's first
-layer does), the bias gradient a row of the same product.
+layer does), the bias gradient a row of the same product. Both recompute the [M, 4, C] pre-activations (1 GB at batch
+256 in bf16) and write and read their gradient. ``"saved"`` recomputes nothing: the forward kernel also writes each
+output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is off; 128 MB at batch 256),
+and the backward kernel reads the mask, the output gradient and the patches once, accumulating the weight and bias
+gradients; the input gradient, when one is asked for (the lens trains through the encoder), is a kernel of its own.
 
 The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
 outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
@@ -35,8 +39,9 @@ added in the kernels too (``TUNING["last_pre_bias"] = "kernel"``): the backward 
 gradient into that bias's gradient as it writes it, which XLA otherwise does in a pass of its own over the 1 GB
 gradient (a reduction cannot fuse into a custom call), and the forward reads the bias-free conv output.
 The math: with ``taps`` [M, 16] the 9 shifted copies of the one-channel output gradient (``dy[p+1−i, q+1−j]`` in
-column 3i+j, zero-padded to 16), the input gradient is ``relu'(pre) · (taps @ K)`` and the weight gradient ``tapsᵀ @ relu(pre)``. The forward pass writes the
-nine per-tap partial sums ``relu(pre) @ Kᵀ`` [M, 16], which jnp shifts and adds (16 float32 values a pixel: a
+column 3i+j, zero-padded to 16) and ``a = pre + pre_bias``, the input gradient is ``relu'(a) · (taps @ K)`` (its
+column sums: pre_bias's gradient) and the weight gradient ``tapsᵀ @ relu(a)``. The forward pass writes the nine
+per-tap partial sums ``relu(a) @ Kᵀ`` [M, 16], which jnp shifts and adds (16 float32 values a pixel: a
 quarter of the bytes of 128 bf16 channels). The products are per pixel, so the kernels do not care in which order
 the M rows come: with ``phases=True`` the input is a sub-pixel upsampling conv's output in its phase layout
 (``subpixel.py``), and only the 16-column partial sums and taps are interleaved / de-interleaved (formulation
@@ -77,18 +82,22 @@ TUNING = {
     "last_stages": 2,
     # The first block's backward pass: "pallas" (the kernel below; its fastest tiling above, 64 rows per program),
     # "xla" (autodiff of the patch products, which recomputes the pre-activations) or "products" (that backward pass
-    # written out in the input's dtype with float32 sums; not timed on a GPU yet). On an H100 in bf16 at batch 256
+    # written out in the input's dtype with float32 sums) or "saved" (the forward kernel saves the pooling mask, which
+    # a backward kernel reads; its tiles below); neither timed on a GPU yet. On an H100 in bf16 at batch 256
     # forward + backward kernel took 3.9-43 ms over six tilings against 1.4 ms for plain_1ch's products
     # (benchmarks/fused_blocks_tune.py, BENCHMARKS.md): "xla" by default. The last block's tiling above was within
     # 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training work at batch 256, bf16; 2026-11-27).
     "first_backward": "xla",
+    "first_mask_rows": 2048, "first_mask_chunk": 32, "first_mask_warps": 4,
     # The previous conv's bias in the last block: "xla" (added by XLA to the conv output, its gradient a reduction
     # of its own over the 1 GB masked gradient) or "kernel" (added in the kernels, its gradient summed by the backward
-    # kernel on the way). Same function (tests/test_fused_blocks.py); neither "kernel" nor "products" above is timed
-    # on a GPU yet (benchmarks/gpu_session.sh, part alternatives), so the measured forms stay the defaults.
+    # kernel on the way). Same function (tests/test_fused_blocks.py), up to bf16 rounding: on a GPU XLA may add the
+    # bias inside cuDNN's convolution and round once. Neither "kernel" nor "products"/"saved" above is timed on a GPU
+    # yet (benchmarks/gpu_session.sh, part alternatives), so the measured forms stay the defaults.
     "last_pre_bias": "xla",
 }
-FIRST_BACKWARDS = ("xla", "products", "pallas")
+FIRST_BACKWARDS = ("xla", "products", "pallas", "saved")
+LAST_PRE_BIASES = ("xla", "kernel")
 _UNROLL = 8  # at most this many chunks per program are unrolled; more run in a loop
 
 
@@ -198,13 +207,65 @@ def _dot(a, b, dtype):
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _forward_kernel(q_ref, w_ref, b_ref, out_ref):
+def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
+    """With ``mask_ref``, also each output's pooling mask: bit s set where sub-position s holds the max (ties set
+    several), 0 where the ReLU passes nothing."""
     q = q_ref[...]
-    best = None
+    best = hits = None
     for s in range(4):
         z = _dot(q, w_ref[s, :, :], q.dtype)
-        best = z if best is None else jnp.maximum(best, z)
-    out_ref[...] = jnp.maximum(best + b_ref[...].astype(jnp.float32), 0.0).astype(out_ref.dtype)
+        if best is None:
+            best, hits = z, (jnp.ones(z.shape, jnp.int32) if mask_ref else None)
+            continue
+        if mask_ref:
+            hits = jnp.where(z > best, 1 << s, jnp.where(z == best, hits | (1 << s), hits))
+        best = jnp.maximum(best, z)
+    pre = best + b_ref[...].astype(jnp.float32)
+    out_ref[...] = jnp.maximum(pre, 0.0).astype(out_ref.dtype)
+    if mask_ref:
+        mask_ref[0][...] = jnp.where(pre > 0, hits, 0).astype(mask_ref[0].dtype)
+
+
+def _mask_share(mask, g):
+    """(mask as int32, the cotangent each of its sub-positions gets: g shared equally among the tied ones)."""
+    m = mask.astype(jnp.int32)
+    ties = (m & 1) + ((m >> 1) & 1) + ((m >> 2) & 1) + ((m >> 3) & 1)
+    return m, g.astype(jnp.float32) / jnp.maximum(ties, 1).astype(jnp.float32)
+
+
+def _mask_weight_kernel(qt_ref, mask_ref, g_ref, dw_ref, db_ref, *, chunk_size, dtype):
+    """One program: a tile of pooled pixels in chunks; its partial weight and bias gradients from the saved mask."""
+    c = g_ref.shape[-1]
+
+    def chunk(i, acc):
+        dws, db = acc
+        rows = _chunk_rows(i, chunk_size)
+        m, share = _mask_share(mask_ref[rows, :], g_ref[rows, :])
+        qt = qt_ref[:, rows]
+        new_dws = []
+        for s in range(4):
+            dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
+            db = db + jnp.sum(dz.astype(jnp.float32), axis=0, keepdims=True)
+            new_dws.append(dws[s] + _dot(qt, dz, dtype))
+        return tuple(new_dws), db
+
+    zeros = tuple(jnp.zeros((16, c), jnp.float32) for _ in range(4))
+    dws, db = _over_chunks(mask_ref.shape[0] // chunk_size, chunk, (zeros, jnp.zeros((1, c), jnp.float32)))
+    for s in range(4):
+        dw_ref[0, s, :, :] = dws[s]
+    db_ref[...] = db
+
+
+def _mask_input_kernel(mask_ref, g_ref, wt_ref, dq_ref):
+    """The patch gradient of a tile of pooled pixels from the saved mask: Σ_s dz_s @ W_sᵀ."""
+    dtype = wt_ref.dtype
+    m, share = _mask_share(mask_ref[...], g_ref[...])
+    dq = None
+    for s in range(4):
+        dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
+        t = _dot(dz, wt_ref[s, :, :], dtype)
+        dq = t if dq is None else dq + t
+    dq_ref[...] = dq
 
 
 def _backward_kernel(q_ref, qt_ref, w_ref, wt_ref, b_ref, g_ref, dq_ref, dw_ref, db_ref, *, chunk_size):
@@ -268,23 +329,68 @@ def _padded_rows(a: jax.Array, multiple: int) -> jax.Array:
     return a if extra == 0 else jnp.pad(a, ((0, extra),) + ((0, 0),) * (a.ndim - 1))
 
 
-def _forward_call(q, w, b, interpret):
+def _forward_call(q, w, b, interpret, with_mask=False):
+    """The pooled block [M, C], and with_mask its pooling mask [M, C] (int8)."""
     m, c = q.shape[0], w.shape[-1]
     tile = TUNING["first_fwd_rows"]
     q = _padded_rows(q, tile)
+    block, rows = jax.ShapeDtypeStruct((q.shape[0], c), q.dtype), pl.BlockSpec((tile, c), lambda i: (i, 0))
     out = pl.pallas_call(
         _forward_kernel,
-        out_shape=jax.ShapeDtypeStruct((q.shape[0], c), q.dtype),
+        out_shape=(block, jax.ShapeDtypeStruct(block.shape, jnp.int8)) if with_mask else block,
         grid=(q.shape[0] // tile,),
         in_specs=[pl.BlockSpec((tile, 16), lambda i: (i, 0)),
                   pl.BlockSpec((4, 16, c), lambda i: (0, 0, 0)),
                   pl.BlockSpec((1, c), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((tile, c), lambda i: (i, 0)),
+        out_specs=(rows, rows) if with_mask else rows,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params("first", "fwd"),
         name="first_block_forward",
     )(q, w, b.reshape(1, c))
-    return out[:m]
+    return (out[0][:m], out[1][:m]) if with_mask else out[:m]
+
+
+def _mask_weight_call(q, mask, g, dtype, interpret):
+    """(∂/∂ phase weights [4, 16, C], ∂/∂ bias [C]), float32, from the saved mask."""
+    m, c = mask.shape
+    chunk_size, rows = _backward_tiles(m, TUNING["first_mask_chunk"], TUNING["first_mask_rows"])
+    q, mask, g = (_padded_rows(a, rows) for a in (q, mask, g))  # padded rows: mask 0, no gradient
+    programs = mask.shape[0] // rows
+    dw, db = pl.pallas_call(
+        functools.partial(_mask_weight_kernel, chunk_size=chunk_size, dtype=dtype),
+        out_shape=(jax.ShapeDtypeStruct((programs, 4, 16, c), jnp.float32),
+                   jax.ShapeDtypeStruct((programs, c), jnp.float32)),
+        grid=(programs,),
+        in_specs=[pl.BlockSpec((16, rows), lambda i: (0, i)),
+                  pl.BlockSpec((rows, c), lambda i: (i, 0)),
+                  pl.BlockSpec((rows, c), lambda i: (i, 0))],
+        out_specs=(pl.BlockSpec((1, 4, 16, c), lambda i: (i, 0, 0, 0)),
+                   pl.BlockSpec((1, c), lambda i: (i, 0))),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("first", "mask"),
+        name="first_block_weight_grad",
+    )(q.T, mask, g)
+    return dw.sum(axis=0), db.sum(axis=0)
+
+
+def _mask_input_call(mask, g, wt, interpret):
+    """∂/∂ patches [M, 16], float32, from the saved mask (a kernel of its own, so that XLA can drop it unused)."""
+    m, c = mask.shape
+    tile = TUNING["first_fwd_rows"]
+    mask, g = _padded_rows(mask, tile), _padded_rows(g, tile)
+    dq = pl.pallas_call(
+        _mask_input_kernel,
+        out_shape=jax.ShapeDtypeStruct((mask.shape[0], 16), jnp.float32),
+        grid=(mask.shape[0] // tile,),
+        in_specs=[pl.BlockSpec((tile, c), lambda i: (i, 0)),
+                  pl.BlockSpec((tile, c), lambda i: (i, 0)),
+                  pl.BlockSpec((4, c, 16), lambda i: (0, 0, 0))],
+        out_specs=pl.BlockSpec((tile, 16), lambda i: (i, 0)),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params("first", "fwd"),
+        name="first_block_input_grad",
+    )(mask, g, wt)
+    return dq[:m]
 
 
 def _backward_call(q, w, b, g, interpret):
@@ -316,22 +422,32 @@ def _backward_call(q, w, b, g, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(x, kernel, bias, interpret):
-    return _fused_fwd(x, kernel, bias, interpret)[0]
+    n, h, w, _ = x.shape
+    return _forward_call(patches_4x4(x), phase_weights(kernel), bias, interpret).reshape(n, h // 2, w // 2, -1)
+
+
+def _first_backward() -> str:
+    if TUNING["first_backward"] not in FIRST_BACKWARDS:
+        raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, "
+                         f"got {TUNING['first_backward']!r}")
+    return TUNING["first_backward"]
 
 
 def _fused_fwd(x, kernel, bias, interpret):
     n, h, w, _ = x.shape
-    q = patches_4x4(x)
-    wp = phase_weights(kernel)
-    out = _forward_call(q, wp, bias, interpret).reshape(n, h // 2, w // 2, -1)
-    return out, (x, kernel, bias)
+    q, wp = patches_4x4(x), phase_weights(kernel)
+    if _first_backward() == "saved":
+        out, mask = _forward_call(q, wp, bias, interpret, with_mask=True)
+        return out.reshape(n, h // 2, w // 2, -1), (x, kernel, bias, mask)
+    return _forward_call(q, wp, bias, interpret).reshape(n, h // 2, w // 2, -1), (x, kernel, bias, None)
 
 
 def _fused_bwd(interpret, res, g):
-    x, kernel, bias = res
-    if TUNING["first_backward"] not in FIRST_BACKWARDS:
-        raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, "
-                         f"got {TUNING['first_backward']!r}")
+    x, kernel, bias, mask = res
+    if (mask is not None) != (_first_backward() == "saved"):
+        raise RuntimeError("fused_blocks.TUNING['first_backward'] changed between the forward and the backward pass")
+    if mask is not None:
+        return _saved_bwd(x, kernel, mask, g, interpret)
     if TUNING["first_backward"] == "xla":
         _, vjp = jax.vjp(_xla, x, kernel, bias)
         return vjp(g)
@@ -346,6 +462,19 @@ def _fused_bwd(interpret, res, g):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _saved_bwd(x, kernel, mask, g, interpret):
+    """The backward pass from the pooling mask the forward kernel saved: no pre-activation is recomputed."""
+    dtype = x.dtype
+    q, from_patches = jax.vjp(patches_4x4, x)
+    wp, to_kernel = jax.vjp(phase_weights, kernel.astype(jnp.float32))
+    g = g.reshape(-1, g.shape[-1])
+    dw, db = _mask_weight_call(q, mask, g, dtype, interpret)
+    dq = _mask_input_call(mask, g, wp.astype(dtype).transpose(0, 2, 1), interpret)  # dropped when x needs none
+    (dx,) = from_patches(dq.astype(dtype))
+    (dk,) = to_kernel(dw)
+    return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
 
 def _products_bwd(x, kernel, bias, g):
@@ -445,6 +574,10 @@ def relu_conv_to_one_channel(pre: jax.Array, kernel: jax.Array, bias: jax.Array,
         raise ValueError(f"the fused last block needs a kernel [3, 3, {c}, 1] for {layout}, got {kernel.shape}")
     if pre_bias is not None and pre_bias.shape != (c,):
         raise ValueError(f"the fused last block's pre_bias must have shape ({c},), got {pre_bias.shape}")
+    if TUNING["last_pre_bias"] not in LAST_PRE_BIASES:
+        raise ValueError(f"fused_blocks.TUNING['last_pre_bias'] must be one of {LAST_PRE_BIASES}, "
+                         f"got {TUNING['last_pre_bias']!r}")
+    pre_bias = None if pre_bias is None else pre_bias.astype(pre.dtype)  # the sum in pre's dtype, either way
     if impl == "auto":
         impl = "pallas" if pallas_supported(pre, kernel.swapaxes(2, 3)) else "xla"
     if impl == "xla":
