@@ -226,6 +226,16 @@ def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
         mask_ref[0][...] = jnp.where(pre > 0, hits, 0).astype(mask_ref[0].dtype)
 
 
+def _weight_grads_over_chunks(n: int, chunk, c: int, dw_ref, db_ref):
+    """A backward program's chunks, ``chunk(i, (dws, db))`` from zero, then its partial weight [4, 16, C] and bias
+    [C] gradients written."""
+    zeros = tuple(jnp.zeros((16, c), jnp.float32) for _ in range(4))
+    dws, db = _over_chunks(n, chunk, (zeros, jnp.zeros((1, c), jnp.float32)))
+    for s in range(4):
+        dw_ref[0, s, :, :] = dws[s]
+    db_ref[...] = db
+
+
 def _mask_share(mask, g):
     """(mask as int32, the cotangent each of its sub-positions gets: g shared equally among the tied ones)."""
     m = mask.astype(jnp.int32)
@@ -249,11 +259,7 @@ def _mask_weight_kernel(qt_ref, mask_ref, g_ref, dw_ref, db_ref, *, chunk_size, 
             new_dws.append(dws[s] + _dot(qt, dz, dtype))
         return tuple(new_dws), db
 
-    zeros = tuple(jnp.zeros((16, c), jnp.float32) for _ in range(4))
-    dws, db = _over_chunks(mask_ref.shape[0] // chunk_size, chunk, (zeros, jnp.zeros((1, c), jnp.float32)))
-    for s in range(4):
-        dw_ref[0, s, :, :] = dws[s]
-    db_ref[...] = db
+    _weight_grads_over_chunks(mask_ref.shape[0] // chunk_size, chunk, c, dw_ref, db_ref)
 
 
 def _mask_input_kernel(mask_ref, g_ref, wt_ref, dq_ref):
@@ -301,11 +307,7 @@ def _backward_kernel(q_ref, qt_ref, w_ref, wt_ref, b_ref, g_ref, dq_ref, dw_ref,
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return tuple(new_dws), db
 
-    zeros = tuple(jnp.zeros((16, c), jnp.float32) for _ in range(4))
-    dws, db = _over_chunks(q_ref.shape[0] // chunk_size, chunk, (zeros, jnp.zeros((1, c), jnp.float32)))
-    for s in range(4):
-        dw_ref[0, s, :, :] = dws[s]
-    db_ref[...] = db
+    _weight_grads_over_chunks(q_ref.shape[0] // chunk_size, chunk, c, dw_ref, db_ref)
 
 
 
