@@ -31,6 +31,8 @@ CONFIGS = (
     ("backward xla", {"backward": "xla"}),
     ("backward products", {"backward": "products"}),
     ("backward saved", {"backward": "saved"}),
+    ("saved 1024/64", {"backward": "saved", "mask_rows": 1024, "mask_chunk": 64}),
+    ("saved 4096/32 w8", {"backward": "saved", "mask_rows": 4096, "mask_chunk": 32, "mask_warps": 8}),
     ("tile 64 w4", {"bwd_rows": 64, "bwd_chunk": 64}),
     ("tile 128 w4", {"bwd_rows": 128, "bwd_chunk": 128}),
     ("unroll 256/64 w4", {"bwd_rows": 256, "bwd_chunk": 64}),

@@ -18,9 +18,10 @@
 # that it finishes itself, as training on a GPU runs since 2026-11-26; --finish host gives the float-fed step of the
 # earlier figures); the per-layer profile; then the data-wait measurement in steady state (the default Grain pipeline
 # with 12 worker processes feeding the bf16 step of DATA_WAIT_FORMULATION), with the crops finished on the GPU
-# (input.finish=auto) and on the host. All default parts exceed one 600 s call (their limits add up to ~25 min):
-# name a few per call (2026-11-27's three H100 runs of 2-4 parts each took 290, 166 and 109 s; BENCHMARKS.md). The
-# next lease's first call: PARTS='env kernels alternatives' (their limits add up to 570 s). Python packages that
+# (input.finish=auto) and on the host. All default parts exceed one 600 s call (their limits add up to ~24 min):
+# name a few per call (2026-11-27's three H100 runs of 2-4 parts each took 290, 166 and 109 s). The next lease's
+# first call: PARTS='env kernels alternatives' ALTERNATIVES_LIMIT=270 (limits 540 s, leaving time to install the
+# wheels and start within a 600 s call). Python packages that
 # the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from wheels in ./.whl
 # when present; fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -62,14 +63,14 @@ want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_thro
 # alternatives (2026-11-27, written without a GPU): last_pre_bias=kernel adds the 64→128 upsampling conv's bias in the
 # last block's kernels, whose backward kernel sums its gradient (no XLA reduction over the 1 GB gradient);
 # first_backward=products writes the first block's backward pass out in bf16 with float32 sums (autodiff's has float32
-# [M, 4, C] arrays); first_backward=saved reads the pooling mask its forward kernel saved (nothing recomputed). Each
-# against auto's default in the same run.
+# [M, 4, C] arrays); first_backward=saved reads the pooling mask its forward kernel saved (no pre-activation
+# recomputed). Each against auto's default in the same run.
 want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-300} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --torch channels_last --skip-inference --repeats 5 --formulations ${ALTERNATIVES:-auto \
   auto+last_pre_bias=kernel auto+first_backward=products auto+first_backward=saved \
   auto+first_backward=saved+last_pre_bias=kernel}
-want tune && part tune 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
-  --configs "backward xla" "backward products" "backward saved" "loop 2048/32 w4" "tile 64 w4" "unroll 256/64 w4" \
+want tune && part tune 200 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
+  --configs "backward xla" "backward products" "backward saved" "saved 1024/64" "saved 4096/32 w8" "loop 2048/32 w4" \
   "loop 1024/64 w4 s1" "fwd 128 w8"
 # tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
 # $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.

@@ -113,17 +113,33 @@ def test_bfloat16_is_as_close_to_float32_as_the_unfused_ops_in_bfloat16(backward
         assert np.isfinite(err) and err <= max(2e-2, 1.5 * base), f"{name}: {err:.2e} (unfused bf16: {base:.2e})"
 
 
-@pytest.mark.parametrize("backward", ["products", "saved"])
-@pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24)])
-def test_the_other_backward_passes_equal_the_unfused_ops(shape, backward, monkeypatch):
+@pytest.mark.parametrize("backward,tiles", [("products", None), ("saved", None), ("saved", (256, 16))])
+@pytest.mark.parametrize("shape", [(3, 16, 12, 32), (2, 10, 6, 24), (5, 18, 22, 16)])
+def test_the_other_backward_passes_equal_the_unfused_ops(shape, backward, tiles, monkeypatch):
     # "products": autodiff's backward pass of the patch products written out in the input's dtype; "saved": kernels
-    # that read the pooling mask the forward kernel saved (no recomputation)
+    # that read the pooling mask the forward kernel saved (no recomputation). Small tiles: with the last shape (495
+    # pooled pixels) the mask kernel runs two programs, loops over its chunks and pads rows.
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
+    if tiles is not None:
+        monkeypatch.setitem(fused_blocks.TUNING, "first_mask_rows", tiles[0])
+        monkeypatch.setitem(fused_blocks.TUNING, "first_mask_chunk", tiles[1])
     x, kernel, bias, cot = _inputs(10, *shape)
     want = _value_and_grads(_unfused, x, kernel, bias, cot)
     got = _value_and_grads(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"),
                            x, kernel, bias, cot)
     _assert_close(got, want, 1e-6)
+
+
+def test_a_first_backward_changed_between_forward_and_backward_is_refused(monkeypatch):
+    # "saved" needs the mask its forward pass wrote; any other backward pass must not get one
+    x, kernel, bias, cot = _inputs(0, 1, 8, 8, 16)
+    for forward, backward in (("saved", "xla"), ("xla", "saved")):
+        monkeypatch.setitem(fused_blocks.TUNING, "first_backward", forward)
+        _, vjp = jax.vjp(lambda *a: fused_blocks.conv_relu_pool_one_channel(*a, impl="pallas_interpret"),
+                         x, kernel, bias)
+        monkeypatch.setitem(fused_blocks.TUNING, "first_backward", backward)
+        with pytest.raises(RuntimeError, match="changed between the forward and the backward pass"):
+            vjp(cot)
 
 
 def test_an_unknown_first_backward_is_refused(monkeypatch):

@@ -17,7 +17,7 @@ products' float32 results literally: lowered for CUDA, its weight gradient is a 
 converted to float32 (2 GB at batch 256) with the patches. ``"products"`` writes the same backward pass out with
 the products in the input's dtype and float32 sums (as cuDNN runs a bf16 weight gradient, and as plain_1ch's first
 layer does), the bias gradient a row of the same product. Both recompute the [M, 4, C] pre-activations (1 GB at batch
-256 in bf16) and write and read their gradient. ``"saved"`` recomputes nothing: the forward kernel also writes each
+256 in bf16) and write and read their gradient. ``"saved"`` recomputes no pre-activation: the forward kernel also writes each
 output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is off; 128 MB at batch 256),
 and the backward kernel reads the mask, the output gradient and the patches once, accumulating the weight and bias
 gradients; the input gradient, when one is asked for (the lens trains through the encoder), is a kernel of its own.
@@ -209,18 +209,22 @@ def _dot(a, b, dtype):
 
 def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
     """With ``mask_ref``, also each output's pooling mask: bit s set where sub-position s holds the max (ties set
-    several), 0 where the ReLU passes nothing."""
+    several), 0 where the ReLU passes nothing. The mask compares the pre-activations with the bias added, as the
+    unfused ops do (two products can tie only once the bias is added); the output is the same either way, since
+    rounding keeps the order."""
     q = q_ref[...]
+    b = b_ref[...].astype(jnp.float32)
     best = hits = None
     for s in range(4):
         z = _dot(q, w_ref[s, :, :], q.dtype)
+        z = z + b if mask_ref else z
         if best is None:
             best, hits = z, (jnp.ones(z.shape, jnp.int32) if mask_ref else None)
             continue
         if mask_ref:
             hits = jnp.where(z > best, 1 << s, jnp.where(z == best, hits | (1 << s), hits))
         best = jnp.maximum(best, z)
-    pre = best + b_ref[...].astype(jnp.float32)
+    pre = best if mask_ref else best + b
     out_ref[...] = jnp.maximum(pre, 0.0).astype(out_ref.dtype)
     if mask_ref:
         mask_ref[0][...] = jnp.where(pre > 0, hits, 0).astype(mask_ref[0].dtype)
@@ -255,8 +259,9 @@ def _mask_weight_kernel(qt_ref, mask_ref, g_ref, dw_ref, db_ref, *, chunk_size, 
         new_dws = []
         for s in range(4):
             dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
-            db = db + jnp.sum(dz.astype(jnp.float32), axis=0, keepdims=True)
             new_dws.append(dws[s] + _dot(qt, dz, dtype))
+        # Σ_s dz_s: the whole cotangent where any sub-position passes it (one reduction instead of four)
+        db = db + jnp.sum(jnp.where(m != 0, g_ref[rows, :].astype(jnp.float32), 0.0), axis=0, keepdims=True)
         return tuple(new_dws), db
 
     _weight_grads_over_chunks(mask_ref.shape[0] // chunk_size, chunk, c, dw_ref, db_ref)
@@ -449,7 +454,7 @@ def _fused_bwd(interpret, res, g):
     if (mask is not None) != (_first_backward() == "saved"):
         raise RuntimeError("fused_blocks.TUNING['first_backward'] changed between the forward and the backward pass")
     if mask is not None:
-        return _saved_bwd(x, kernel, mask, g, interpret)
+        return _saved_bwd(x, kernel, bias, mask, g, interpret)
     if TUNING["first_backward"] == "xla":
         _, vjp = jax.vjp(_xla, x, kernel, bias)
         return vjp(g)
@@ -466,7 +471,7 @@ def _fused_bwd(interpret, res, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _saved_bwd(x, kernel, mask, g, interpret):
+def _saved_bwd(x, kernel, bias, mask, g, interpret):
     """The backward pass from the pooling mask the forward kernel saved: no pre-activation is recomputed."""
     dtype = x.dtype
     q, from_patches = jax.vjp(patches_4x4, x)
@@ -476,7 +481,7 @@ def _saved_bwd(x, kernel, mask, g, interpret):
     dq = _mask_input_call(mask, g, wp.astype(dtype).transpose(0, 2, 1), interpret)  # dropped when x needs none
     (dx,) = from_patches(dq.astype(dtype))
     (dk,) = to_kernel(dw)
-    return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
+    return dx, dk.astype(kernel.dtype), db.astype(bias.dtype)
 
 
 def _products_bwd(x, kernel, bias, g):
