@@ -17,10 +17,11 @@ products' float32 results literally: lowered for CUDA, its weight gradient is a 
 converted to float32 (2 GB at batch 256) with the patches. ``"products"`` writes the same backward pass out with
 the products in the input's dtype and float32 sums (as cuDNN runs a bf16 weight gradient, and as plain_1ch's first
 layer does), the bias gradient a row of the same product. Both recompute the [M, 4, C] pre-activations (1 GB at batch
-256 in bf16) and write and read their gradient. ``"saved"`` recomputes no pre-activation: the forward kernel also writes each
-output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is off; 128 MB at batch 256),
-and the backward kernel reads the mask, the output gradient and the patches once, accumulating the weight and bias
-gradients; the input gradient, when one is asked for (the lens trains through the encoder), is a kernel of its own.
+256 in bf16) and write and read their gradient. ``"saved"`` recomputes no pre-activation: the forward kernel also
+writes each output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is off; 128 MB at
+batch 256), and the backward kernel reads the mask, the output gradient and the patches once, accumulating the
+weight and bias gradients; the input gradient, when one is asked for (the lens trains through the encoder), is a
+kernel of its own.
 
 The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
 outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
