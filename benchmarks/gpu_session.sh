@@ -6,7 +6,7 @@
 # PARTS (default: all, in this order): env kernels train_bf16 alternatives tune train_bf16_b64 train_fp32 layers
 # data_wait data_wait_host; also, when named: tune_last train_tuned (the last block's tilings, then the step with the
 # fastest), anatomy (the project step against a bare Adam+BCE step). alternatives: the step with fused_blocks.TUNING
-# settings never timed on a GPU (ALTERNATIVES) against the default, in one run.
+# settings (ALTERNATIVES) against the default, in one run.
 # "kernels" runs, before anything is timed, the compiled Pallas kernels' tests and the fused formulations' whole model
 # against plain (tests/test_fused_blocks.py, tests/test_model.py; KERNELS_K narrows the -k expression); "tune" times
 # the first block's tilings alone (benchmarks/fused_blocks_tune.py).
@@ -14,16 +14,17 @@
 # Each part runs under its own time limit and writes its log to $OUT/<part>.log, so a part that hangs or fails costs
 # only its own figures. Parts: environment; the training step (FORMULATIONS, default auto and plain) and encoder
 # inference in bf16 at batch 256 against PyTorch (TORCH, default eager NCHW / channels_last and torch.compile; auto =
-# fused_1ch on one GPU since 2026-11-26); batch 64 in bf16; float32 at batch 256 (the project step fed uint8 crops
-# that it finishes itself, as training on a GPU runs since 2026-11-26; --finish host gives the float-fed step of the
-# earlier figures); the per-layer profile; then the data-wait measurement in steady state (the default Grain pipeline
-# with 12 worker processes feeding the bf16 step of DATA_WAIT_FORMULATION), with the crops finished on the GPU
-# (input.finish=auto) and on the host. All default parts exceed one 600 s call (their limits add up to ~24 min):
-# name a few per call (2026-11-27's three H100 runs of 2-4 parts each took 290, 166 and 109 s). The next lease's
-# first call: PARTS='env kernels alternatives' ALTERNATIVES_LIMIT=270 (limits 540 s, leaving time to install the
-# wheels and start within a 600 s call). Python packages that
-# the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from wheels in ./.whl
-# when present; fetch them where pip works, for the GPU machine's Python (3.12 on the machines used so far):
+# fused_1ch on one GPU in bf16 since 2026-11-26, its first block's backward from the saved mask since 2026-11-27);
+# batch 64 in bf16; float32 at batch 256 (the project step fed uint8 crops that it finishes itself, as training on a
+# GPU runs since 2026-11-26; --finish host gives the float-fed step of the earlier figures); the per-layer profile;
+# then the data-wait measurement in steady state (the default Grain pipeline with 12 worker processes feeding the bf16
+# step of DATA_WAIT_FORMULATION), with the crops finished on the GPU (input.finish=auto) and on the host. All default
+# parts exceed one 600 s call (their limits add up to ~24 min): name a few per call (2026-11-27 05:46 UTC: env kernels
+# alternatives anatomy tune in 357 s, then train_bf16 layers data_wait in 224 s, the layer profile cut at its 100 s
+# limit). A next lease's first call: PARTS='env kernels tune layers' LAYERS_LIMIT=150 (the mask kernel's tilings; the
+# layers, for where the ~9 ms step's time goes): limits of 30+240+200+150 s; the kernels took 131 s there.
+# Python packages that the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from
+# wheels in ./.whl when present; fetch them where pip works, for the GPU machine's Python (3.12 so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     grain==0.2.18 array-record==0.8.6 ml_collections==1.1.0 portpicker pytest pluggy iniconfig pygments packaging
@@ -60,18 +61,15 @@ want kernels && part kernels ${KERNELS_LIMIT:-240} env JAX_DEFAULT_MATMUL_PRECIS
 want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --formulations ${FORMULATIONS:-auto plain} \
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
-# alternatives (2026-11-27, written without a GPU): last_pre_bias=kernel adds the 64→128 upsampling conv's bias in the
-# last block's kernels, whose backward kernel sums its gradient (no XLA reduction over the 1 GB gradient);
-# first_backward=products writes the first block's backward pass out in bf16 with float32 sums (autodiff's has float32
-# [M, 4, C] arrays); first_backward=saved reads the pooling mask its forward kernel saved (no pre-activation
-# recomputed). Each against auto's default in the same run.
+# alternatives: fused_blocks.TUNING settings against auto's default in one run. Timed on an H100 (bf16, batch 256,
+# 2026-11-27 05:48 UTC): first_backward=saved 28,368 images/s (now the bf16 default), products 21,987, autodiff's
+# xla 21,554 (the default before); last_pre_bias=kernel no faster (21,554 / 28,323).
 want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-300} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --torch channels_last --skip-inference --repeats 5 --formulations ${ALTERNATIVES:-auto \
-  auto+last_pre_bias=kernel auto+first_backward=products auto+first_backward=saved \
-  auto+first_backward=saved+last_pre_bias=kernel}
-want tune && part tune 200 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
-  --configs "backward xla" "backward products" "backward saved" "saved 1024/64" "saved 4096/32 w8" "loop 2048/32 w4" \
-  "loop 1024/64 w4 s1" "fwd 128 w8"
+  auto+first_backward=xla auto+last_pre_bias=kernel}
+want tune && part tune ${TUNE_LIMIT:-200} $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
+  --configs "backward xla" "backward saved" "saved 2048/16" "saved 2048/64 w8" "saved 512/32" "saved 4096/32 w8" \
+  "saved fwd 128 w8" "saved fwd 32 w4"
 # tune_last: the last block's tilings alone (never tuned before 2026-11-27), the fastest written to
 # $OUT/last_tuning.json; train_tuned: the bf16 step at batch 256 with that tiling, against PyTorch in the same run.
 want tune_last && part tune_last 150 $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks last \
@@ -81,13 +79,15 @@ want train_tuned && [[ -s $OUT/last_tuning.json ]] && part train_tuned 120 $PY b
   --fused-tuning "$OUT/last_tuning.json"
 # anatomy: the project step against a bare jitted Adam+BCE step of the same formulation (what the step's finishing,
 # metrics and guards cost on the GPU; not measured there yet), PyTorch in the same run.
-want anatomy && part anatomy 100 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 256 \
+want anatomy && part anatomy ${ANATOMY_LIMIT:-100} $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 256 \
   --formulations auto --minimal-step --torch channels_last --skip-inference --repeats 5
 want train_bf16_b64 && part train_bf16_b64 90 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 64 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
-want train_fp32 && part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 --formulations auto \
+# float32: auto is plain on a GPU (fused_1ch ran slower there, 2026-11-27), fused_1ch beside it
+want train_fp32 && part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 \
+  --formulations auto fused_1ch \
   --torch nchw channels_last --skip-inference --repeats 5
-want layers && part layers 100 $PY benchmarks/layer_profile.py --batch 256 --repeats 3
+want layers && part layers ${LAYERS_LIMIT:-100} $PY benchmarks/layer_profile.py --batch 256 --repeats 3
 # The data-wait parts feed DATA_WAIT_FORMULATION's step (default auto); "fastest" takes the jax formulation with the most
 # images/s in this session's train_bf16.log (a faster step is the harder test of the pipeline), auto when there is none.
 DWF=${DATA_WAIT_FORMULATION:-auto}

@@ -142,6 +142,16 @@ def test_a_first_backward_changed_between_forward_and_backward_is_refused(monkey
             vjp(cot)
 
 
+@pytest.mark.parametrize("dtype,expected", [(jnp.bfloat16, "saved"), (jnp.float16, "saved"), (jnp.float32, "xla")])
+def test_auto_first_backward_is_the_one_measured_fastest_for_the_dtype(dtype, expected, monkeypatch):
+    # H100, batch 256 (BENCHMARKS.md, 2026-11-27): bf16 step 28,400 images/s with "saved" against 21,550 with "xla";
+    # float32 3,700 against 6,000. An explicit choice is kept whatever the dtype.
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "auto")
+    assert fused_blocks._first_backward(dtype) == expected
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "products")
+    assert fused_blocks._first_backward(dtype) == "products"
+
+
 def test_an_unknown_first_backward_is_refused(monkeypatch):
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "cudnn")
     x, kernel, bias, cot = _inputs(0, 1, 8, 8, 16)
@@ -252,8 +262,9 @@ def sharded(*a):
     with fb.batch_sharded(mesh):
         return grad(*a)
 batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-# the defaults, then the alternatives whose gradients come from kernels (summed over devices by shard_map)
-for where, first in (("xla", "xla"), ("kernel", "saved")):
+# the defaults (float32 here: auto = xla), then the alternatives whose gradients come from kernels (summed over
+# devices by shard_map)
+for where, first in (("xla", "auto"), ("kernel", "saved")):
     fb.TUNING.update(last_pre_bias=where, first_backward=first)
     want = grad(*args)
     lowered = jax.jit(sharded, in_shardings=(batch, rep, rep, batch, rep, rep, rep)).lower(*args)
@@ -368,8 +379,8 @@ def test_an_unknown_last_pre_bias_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("formulation,pre_bias,first_backward", [
-    ("fused_1ch", "xla", "xla"), ("fused_1ch", "kernel", "saved"), ("fused_subpixel", "xla", "xla"),
-    ("fused_subpixel", "kernel", "xla")])
+    ("fused_1ch", "xla", "xla"), ("fused_1ch", "xla", "auto"), ("fused_1ch", "kernel", "saved"),
+    ("fused_subpixel", "xla", "xla"), ("fused_subpixel", "kernel", "xla")])
 def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, pre_bias, first_backward,
                                                                               monkeypatch):
     from cellssl_jax.models.convae import ConvAE  # noqa: PLC0415
@@ -387,8 +398,10 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
         return jnp.mean((model.apply({"params": p}, x) - x) ** 2)
 
     module = _lowered_for_cuda(jax.value_and_grad(loss), params)
-    # "saved": the weight-gradient kernel; its input-gradient kernel is dropped, since the images need no gradient
-    first = ["first_block_forward"] + (["first_block_weight_grad"] if first_backward == "saved" else [])
+    # "saved" (and "auto" in this bf16 model): the weight-gradient kernel; its input-gradient kernel is dropped, since
+    # the images need no gradient
+    saved = first_backward in ("saved", "auto")
+    first = ["first_block_forward"] + (["first_block_weight_grad"] if saved else [])
     assert _triton_kernels_for_cuda(None, module=module) == first + ["last_block_backward", "last_block_forward"]
     # The upsampling conv's bias gradient: with "kernel" no reduction over its full-resolution output gradient is
     # left to XLA (the backward kernel summed it); with "xla" there is exactly one.

@@ -27,18 +27,22 @@ Formulations of the same function (``formulation``), all with the same parameter
   forward pass never writes the full-resolution activation; and the last layer's input ReLU + conv C→1, whose
   forward pass replaces a cuDNN convolution with one output channel (4.1 ms at batch 256 on an H100) and whose
   backward pass reads the 128-channel activation once and writes its masked gradient once. On an H100 in bf16 at
-  batch 256: 21,500-21,600 images/s, 2.93-2.94× PyTorch eager (channels_last), 2.47× torch.compile, 27-29% MFU
-  (BENCHMARKS.md).
+  batch 256 (first block's backward from the pooling mask its forward kernel saved, ``fused_blocks.TUNING``):
+  28,350-28,370 images/s, 3.85× PyTorch eager (channels_last), 36.5-37.2% MFU (BENCHMARKS.md, 2026-11-27); 21,550
+  images/s (2.93×) with autodiff's backward for that block, the default before. In float32 it ran 6,000 images/s
+  against plain's 6,900 on the same card, so ``auto`` runs plain there.
 - ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.97
   ms of the 11.8 ms step on the H100) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
   the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output [N, h+1, w+1, 4·C]
   the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so neither the
   128-channel activation nor its gradient is ever interleaved. Written for the GPU and slower there: 17,200 images/s
-  against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27; the sub-pixel form of that layer had
-  already timed no faster than the plain one alone, 4.78 against 4.97 ms, despite the FLOPs); the CPU's own
+  against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27, both with the first block's earlier
+  backward pass; that layer's sub-pixel form had already timed no faster than the plain one alone, 4.78 against 4.97
+  ms, despite the FLOPs); the CPU's own
   sub-pixel form gained nothing from reading the phase layout either (BENCHMARKS.md). Kept as a tested alternative.
-- ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, ``"fused_1ch"`` on a GPU, ``"plain"``
-  elsewhere (TPU: not measured). With several GPUs the training step runs the kernels on each device's share of the
+- ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, on a GPU ``"fused_1ch"`` with a 16-bit
+  compute dtype and ``"plain"`` in float32 (each the fastest measured there), ``"plain"`` elsewhere (TPU: not
+  measured). With several GPUs the training step runs the kernels on each device's share of the
   batch (``fused_blocks.batch_sharded``; tested on forced CPU devices through Pallas's interpreter, not timed on
   several GPUs); a multi-device jit outside it runs the blocks' jnp form.
 
@@ -80,18 +84,39 @@ _SLOW_ON_CPU = {
                       "of its padded convolution as a naive loop)",
     "plain": "6.1 images/s against auto's 10.4 at batch 64 (XLA:CPU's own convolution gradients)",
 }
-# The same on one GPU: bf16 training step at batch 256 on an H100 (BENCHMARKS.md, "GPU: NVIDIA H100"), where auto's
-# fused_1ch ran 21,500-21,600 images/s. subpixel_vjp (the CPU's hand-written backward passes) was timed on an H200 only.
+# The same on one GPU: training step at batch 256 on an H100 (BENCHMARKS.md, "GPU: NVIDIA H100"). In bf16 auto's
+# fused_1ch ran 28,400 images/s (2026-11-27, first block's backward from the saved pooling mask; the others were
+# timed against its earlier 21,600). subpixel_vjp (the CPU's hand-written backward passes) was timed on an H200 only.
 _SLOW_ON_GPU = {
-    "plain": "15,100 images/s against auto's 21,600 (H100, bf16, batch 256)",
-    "plain_1ch": "16,100 images/s against auto's 21,600 (H100, bf16, batch 256)",
-    "subpixel": "14,300 images/s against auto's 21,600 (H100, bf16, batch 256)",
-    "fused_subpixel": "17,200 images/s against auto's 21,600 (H100, bf16, batch 256, 2026-11-27)",
+    "plain": "15,100 images/s against auto's 28,400 (H100, bf16, batch 256)",
+    "plain_1ch": "16,100 images/s against auto's 28,400 (H100, bf16, batch 256)",
+    "subpixel": "14,300 images/s against auto's 28,400 (H100, bf16, batch 256)",
+    "fused_subpixel": "17,200 images/s against auto's 21,600 then (H100, bf16, batch 256, 2026-11-27, both with the "
+                      "first block's earlier backward pass)",
     "subpixel_vjp": "~13,500 images/s against plain's 17,100 (H200, bf16, batch 256; written for XLA:CPU)",
 }
-# backend: (where, what auto runs there, its slower formulations); nothing measured elsewhere, so no claim.
-_SLOW_ON = {"cpu": ("the CPU", "subpixel_vjp here, 1.8x PyTorch eager at batch 64-256", _SLOW_ON_CPU),
-            "gpu": ("a GPU", "fused_1ch there, 2.9x PyTorch eager on an H100", _SLOW_ON_GPU)}
+# In float32 auto runs plain (6,900 images/s); only fused_1ch was timed against it there.
+_SLOW_ON_GPU_FLOAT32 = {
+    "fused_1ch": "6,000 images/s against auto's 6,900 (H100, float32, batch 256, 2026-11-27)",
+}
+
+
+def _slow_on(backend: str, dtype) -> tuple[str, str, dict[str, str]]:
+    """(where, what auto runs there, its formulations measured slower) for this backend and compute dtype; nothing
+    measured elsewhere, so no claim."""
+    if backend == "cpu":
+        return "the CPU", "subpixel_vjp here, 1.8x PyTorch eager at batch 64-256", _SLOW_ON_CPU
+    if backend == "gpu" and _is_16_bit(dtype):
+        return "a GPU", "fused_1ch there, 3.9x PyTorch eager on an H100 in bf16", _SLOW_ON_GPU
+    if backend == "gpu":
+        return "a GPU", "plain there in float32, 1.4x PyTorch eager on an H100", _SLOW_ON_GPU_FLOAT32
+    return "", "", {}
+
+
+def _is_16_bit(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2
+
+
 _ONE_CHANNEL_PRODUCTS = ("plain_1ch", "fused_1ch", "fused_subpixel")
 _FUSED = ("fused_1ch", "fused_subpixel")
 
@@ -367,11 +392,13 @@ class ConvAE(nn.Module):
         if self.formulation != "auto":
             return self.formulation
         backend = jax.default_backend()
-        return {"cpu": "subpixel_vjp", "gpu": "fused_1ch"}.get(backend, "plain")
+        if backend == "gpu":  # the kernels pay in 16 bits; in float32 plain ran faster (_SLOW_ON_GPU_FLOAT32)
+            return "fused_1ch" if _is_16_bit(self.dtype) else "plain"
+        return "subpixel_vjp" if backend == "cpu" else "plain"
 
     def speed_warning(self) -> str | None:
         """Why this formulation is a slow choice on this backend, as measured (BENCHMARKS.md); None when it is not."""
-        where, auto, slow = _SLOW_ON.get(jax.default_backend(), ("", "", {}))
+        where, auto, slow = _slow_on(jax.default_backend(), self.dtype)
         if (why := slow.get(self.formulation)) is None:
             return None
         return (f"formulation {self.formulation!r} on {where} is slower than 'auto' ({auto}): {why}; it computes the "

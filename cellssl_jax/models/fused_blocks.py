@@ -9,19 +9,21 @@ Why: on an H200 in bf16 at batch 256 the first layer alone took 2.9 ms of a ~15 
 matmul peak (BENCHMARKS.md, layer profile). Written as separate ops it writes and re-reads a [N, 128, 128, C]
 activation (1 GB at batch 256 in bf16) four times: conv out, pool in, pool gradient out, weight gradient in. The
 fused forward kernel reads a 16-column patch matrix (33 MB) and writes only the pooled block (256 MB): 0.36 ms on an
-H100 against 1.48 ms for cuDNN's convolution alone. Its backward kernel recomputes the four pre-activations of each
-pooled pixel instead of storing them, but its forward + backward ran at 3.9-43 ms there (six tilings) against 1.4 ms
-for formulation plain_1ch's products (pool aside), so by default the backward pass is XLA's autodiff of the same
-patch products (``TUNING["first_backward"]``), timed only inside the whole training step. That autodiff takes the
-products' float32 results literally: lowered for CUDA, its weight gradient is a float32 product of [M, 4, C]
-converted to float32 (2 GB at batch 256) with the patches. ``"products"`` writes the same backward pass out with
-the products in the input's dtype and float32 sums (as cuDNN runs a bf16 weight gradient, and as plain_1ch's first
-layer does), the bias gradient a row of the same product. Both recompute the [M, 4, C] pre-activations (1 GB at batch
-256 in bf16) and write and read their gradient. ``"saved"`` recomputes no pre-activation: the forward kernel also
-writes each output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is off; 128 MB at
-batch 256), and the backward kernel reads the mask, the output gradient and the patches once, accumulating the
-weight and bias gradients; the input gradient, when one is asked for (the lens trains through the encoder), is a
-kernel of its own.
+H100 against 1.48 ms for cuDNN's convolution alone. The backward pass (``TUNING["first_backward"]``) comes in four
+forms. ``"pallas"`` recomputes the four pre-activations of each pooled pixel in a kernel: forward + backward ran at
+3.9-43 ms on an H100 (six tilings) against 1.4 ms for formulation plain_1ch's products (pool aside). ``"xla"`` is
+autodiff of the same patch products, which takes the products' float32 results literally: lowered for CUDA, its
+weight gradient is a float32 product of [M, 4, C] converted to float32 (2 GB at batch 256) with the patches.
+``"products"`` writes that backward pass out with the products in the input's dtype and float32 sums (as cuDNN runs
+a bf16 weight gradient), the bias gradient a row of the same product. Both recompute the [M, 4, C] pre-activations
+(1 GB at batch 256 in bf16) and write and read their gradient. ``"saved"`` recomputes no pre-activation: the forward
+kernel also writes each output's pooling mask (one byte: which sub-positions hold the max, none where the ReLU is
+off; 128 MB at batch 256), and a backward kernel reads the mask, the output gradient and the patches once,
+accumulating the weight and bias gradients; the input gradient, when one is asked for (the lens trains through the
+encoder), is a kernel of its own. Measured on an H100 at batch 256 (BENCHMARKS.md, 2026-11-27 05:46-05:58 UTC): in
+bf16 the block's forward + backward took 0.95 ms with "saved" against 3.40 ("xla") and 3.16 ("products"), and the
+whole training step ran 28,400 images/s against 21,550 and 22,000; in float32 "saved" made the step slower (3,700
+against 6,000 images/s with "xla"). So the default ``"auto"`` is "saved" for 16-bit inputs and "xla" for float32.
 
 The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
 outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
@@ -81,23 +83,19 @@ TUNING = {
     "first_stages": 2,
     "last_fwd_rows": 64, "last_fwd_warps": 4, "last_bwd_rows": 2048, "last_bwd_chunk": 32, "last_bwd_warps": 4,
     "last_stages": 2,
-    # The first block's backward pass: "pallas" (the kernel below; its fastest tiling above, 64 rows per program),
-    # "xla" (autodiff of the patch products, which recomputes the pre-activations) or "products" (that backward pass
-    # written out in the input's dtype with float32 sums) or "saved" (the forward kernel saves the pooling mask, which
-    # a backward kernel reads; its tiles below); neither timed on a GPU yet. On an H100 in bf16 at batch 256
-    # forward + backward kernel took 3.9-43 ms over six tilings against 1.4 ms for plain_1ch's products
-    # (benchmarks/fused_blocks_tune.py, BENCHMARKS.md): "xla" by default. The last block's tiling above was within
+    # The first block's backward pass (module docstring): "auto" = "saved" for 16-bit inputs, "xla" for float32, the
+    # fastest of the four measured on an H100 at batch 256 (2026-11-27). The last block's tiling above was within
     # 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training work at batch 256, bf16; 2026-11-27).
-    "first_backward": "xla",
+    "first_backward": "auto",
     "first_mask_rows": 2048, "first_mask_chunk": 32, "first_mask_warps": 4,
     # The previous conv's bias in the last block: "xla" (added by XLA to the conv output, its gradient a reduction
     # of its own over the 1 GB masked gradient) or "kernel" (added in the kernels, its gradient summed by the backward
     # kernel on the way). Same function (tests/test_fused_blocks.py), up to bf16 rounding: on a GPU XLA may add the
-    # bias inside cuDNN's convolution and round once. Neither "kernel" nor "products"/"saved" above is timed on a GPU
-    # yet (benchmarks/gpu_session.sh, part alternatives), so the measured forms stay the defaults.
+    # bias inside cuDNN's convolution and round once. Timed on an H100 (bf16, batch 256, 2026-11-27): no faster
+    # (21,554 against 21,554 images/s; 28,323 against 28,368 with "saved"), so "xla" stays.
     "last_pre_bias": "xla",
 }
-FIRST_BACKWARDS = ("xla", "products", "pallas", "saved")
+FIRST_BACKWARDS = ("auto", "xla", "products", "pallas", "saved")
 LAST_PRE_BIASES = ("xla", "kernel")
 _UNROLL = 8  # at most this many chunks per program are unrolled; more run in a loop
 
@@ -434,17 +432,20 @@ def _fused(x, kernel, bias, interpret):
     return _forward_call(patches_4x4(x), phase_weights(kernel), bias, interpret).reshape(n, h // 2, w // 2, -1)
 
 
-def _first_backward() -> str:
-    if TUNING["first_backward"] not in FIRST_BACKWARDS:
-        raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, "
-                         f"got {TUNING['first_backward']!r}")
-    return TUNING["first_backward"]
+def _first_backward(dtype) -> str:
+    """TUNING["first_backward"], with "auto" resolved for inputs of this dtype."""
+    choice = TUNING["first_backward"]
+    if choice not in FIRST_BACKWARDS:
+        raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, got {choice!r}")
+    if choice == "auto":  # measured on an H100: saved 28,400 vs xla 21,550 images/s in bf16; 3,700 vs 6,000 in float32
+        return "saved" if jnp.dtype(dtype).itemsize == 2 else "xla"
+    return choice
 
 
 def _fused_fwd(x, kernel, bias, interpret):
     n, h, w, _ = x.shape
     q, wp = patches_4x4(x), phase_weights(kernel)
-    if _first_backward() == "saved":
+    if _first_backward(x.dtype) == "saved":
         out, mask = _forward_call(q, wp, bias, interpret, with_mask=True)
         return out.reshape(n, h // 2, w // 2, -1), (x, kernel, bias, mask)
     return _forward_call(q, wp, bias, interpret).reshape(n, h // 2, w // 2, -1), (x, kernel, bias, None)
@@ -452,14 +453,15 @@ def _fused_fwd(x, kernel, bias, interpret):
 
 def _fused_bwd(interpret, res, g):
     x, kernel, bias, mask = res
-    if (mask is not None) != (_first_backward() == "saved"):
+    backward = _first_backward(x.dtype)
+    if (mask is not None) != (backward == "saved"):
         raise RuntimeError("fused_blocks.TUNING['first_backward'] changed between the forward and the backward pass")
     if mask is not None:
         return _saved_bwd(x, kernel, bias, mask, g, interpret)
-    if TUNING["first_backward"] == "xla":
+    if backward == "xla":
         _, vjp = jax.vjp(_xla, x, kernel, bias)
         return vjp(g)
-    if TUNING["first_backward"] == "products":
+    if backward == "products":
         return _products_bwd(x, kernel, bias, g)
     q, from_patches = jax.vjp(patches_4x4, x)
     wp, to_kernel = jax.vjp(phase_weights, kernel.astype(jnp.float32))
