@@ -21,8 +21,9 @@
 # step of DATA_WAIT_FORMULATION), with the crops finished on the GPU (input.finish=auto) and on the host. All default
 # parts exceed one 600 s call (their limits add up to ~24 min): name a few per call (2026-11-27 05:46 UTC: env kernels
 # alternatives anatomy tune in 357 s, then train_bf16 layers data_wait in 224 s, the layer profile cut at its 100 s
-# limit). A next lease's first call: PARTS='env kernels tune layers' LAYERS_LIMIT=150 (the mask kernel's tilings; the
-# layers, for where the ~9 ms step's time goes): limits of 30+240+200+150 s; the kernels took 131 s there.
+# limit). A next lease's first call: PARTS='env kernels alternatives tune' ALTERNATIVES_LIMIT=200 TUNE_LIMIT=120
+# (fused_subpixel's phase_conv=gemm against auto; the mask kernel's tilings): limits of 30+240+200+120 s; the kernels
+# took 131 s there, the five-variant alternatives ~90 s.
 # Python packages that the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from
 # wheels in ./.whl when present; fetch them where pip works, for the GPU machine's Python (3.12 so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -63,10 +64,12 @@ want train_bf16 && part train_bf16 ${TRAIN_LIMIT:-240} $PY benchmarks/train_thro
   --torch ${TORCH:-nchw channels_last compile} --compile-timeout 45 --repeats 5 ${INFERENCE:---inference-batch 1024}
 # alternatives: fused_blocks.TUNING settings against auto's default in one run. Timed on an H100 (bf16, batch 256,
 # 2026-11-27 05:48 UTC): first_backward=saved 28,368 images/s (now the bf16 default), products 21,987, autodiff's
-# xla 21,554 (the default before); last_pre_bias=kernel no faster (21,554 / 28,323).
+# xla 21,554 (the default before); last_pre_bias=kernel no faster (21,554 / 28,323). Not yet timed (written after that
+# lease): phase_conv=gemm, fused_subpixel's all-phase 2×2 convolution of the largest layer as one matrix product of
+# its windows (subpixel.all_phase_conv), against fused_subpixel with XLA's convolution and against auto.
 want alternatives && part alternatives ${ALTERNATIVES_LIMIT:-300} $PY benchmarks/train_throughput.py --dtype bfloat16 \
   --batch-sizes 256 --torch channels_last --skip-inference --repeats 5 --formulations ${ALTERNATIVES:-auto \
-  auto+first_backward=xla auto+last_pre_bias=kernel}
+  fused_subpixel fused_subpixel+phase_conv=gemm fused_subpixel+phase_conv=gemm+last_pre_bias=kernel}
 want tune && part tune ${TUNE_LIMIT:-200} $PY benchmarks/fused_blocks_tune.py --batch 256 --repeats 3 --blocks first --unfused matmul \
   --configs "backward xla" "backward saved" "saved 2048/16" "saved 2048/64 w8" "saved 512/32" "saved 4096/32 w8" \
   "saved fwd 128 w8" "saved fwd 32 w4"

@@ -378,17 +378,19 @@ def test_an_unknown_last_pre_bias_is_refused(monkeypatch):
         fused_blocks.relu_conv_to_one_channel(pre, kernel, bias, impl="pallas_interpret", pre_bias=bias.repeat(16))
 
 
-@pytest.mark.parametrize("formulation,pre_bias,first_backward", [
-    ("fused_1ch", "xla", "xla"), ("fused_1ch", "xla", "auto"), ("fused_1ch", "kernel", "saved"),
-    ("fused_subpixel", "xla", "xla"), ("fused_subpixel", "kernel", "xla")])
+@pytest.mark.parametrize("formulation,pre_bias,first_backward,phase_conv", [
+    ("fused_1ch", "xla", "xla", "xla"), ("fused_1ch", "xla", "auto", "xla"), ("fused_1ch", "kernel", "saved", "xla"),
+    ("fused_subpixel", "xla", "xla", "xla"), ("fused_subpixel", "kernel", "xla", "xla"),
+    ("fused_subpixel", "xla", "auto", "gemm")])
 def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(formulation, pre_bias, first_backward,
-                                                                              monkeypatch):
+                                                                              phase_conv, monkeypatch):
     from cellssl_jax.models.convae import ConvAE  # noqa: PLC0415
 
     # what `auto` decides on one GPU; here the backend is the CPU, so it is forced
     monkeypatch.setattr(fused_blocks, "pallas_supported", lambda *a: True)
     monkeypatch.setitem(fused_blocks.TUNING, "last_pre_bias", pre_bias)
     monkeypatch.setitem(fused_blocks.TUNING, "first_backward", first_backward)
+    monkeypatch.setitem(fused_blocks.TUNING, "phase_conv", phase_conv)
     model = ConvAE(formulation=formulation, dtype=jnp.bfloat16)
     x = jnp.zeros((8, 128, 128, 1), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
@@ -408,6 +410,14 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
     full = "tensor<8x65x65x512x" if formulation == "fused_subpixel" else "tensor<8x128x128x128x"
     reductions = [line for line in module.splitlines() if "stablehlo.reduce" in line and f"({full}" in line]
     assert len(reductions) == (1 if pre_bias == "xla" else 0), reductions
+    # fused_subpixel's all-phase convolution [8, 65, 65, 512]: forward, input and weight gradient as XLA's three
+    # convolutions, or ("gemm") as three products whose operands all stay in bf16 (autodiff would widen them)
+    ops = [line for line in module.splitlines() if "x65x65x" in line]
+    convs = [line for line in ops if "stablehlo.convolution" in line]
+    products = [line.split(":")[-1].split("->")[0] for line in ops if "stablehlo.dot_general" in line]
+    if formulation == "fused_subpixel":
+        assert (len(convs), len(products)) == ((0, 3) if phase_conv == "gemm" else (3, 0)), (convs, products)
+        assert all("f32" not in operands for operands in products), products
 
 
 def _assert_compiled_close(fused, unfused, args, rtol, names=NAMES):

@@ -53,9 +53,39 @@ def test_subpixel_upsample_conv_equals_upsample_then_conv():
                                4 * np.asarray(kernel.sum(axis=(0, 1))), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("loss,formulation", [("bce", "subpixel"), ("mse", "subpixel"), ("bce", "plain_1ch"),
-                                            ("bce", "fused_1ch"), ("bce", "fused_subpixel")])
-def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation):
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_all_phase_conv_as_one_product_equals_the_convolution(dtype, tol):
+    # the 2×2 all-phase convolution as window_patches @ [4·I, 4·O] with its own backward pass: the same output and
+    # gradients as XLA's convolution (odd sizes, so a row/column mix-up cannot cancel out)
+    from cellssl_jax.models.subpixel import all_phase_conv, all_phase_kernel  # noqa: PLC0415
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (2, 5, 7, 3)).astype(dtype)
+    k_all = all_phase_kernel(0.3 * jax.random.normal(keys[1], (3, 3, 3, 4))).astype(dtype)
+    cot = jax.random.normal(keys[2], (2, 6, 8, 16)).astype(dtype)
+
+    def value_and_grads(how):
+        y, vjp = jax.vjp(lambda a, k: all_phase_conv(a, k, how), x, k_all)
+        return (y, *vjp(cot))
+
+    with jax.default_matmul_precision("highest"):
+        want = [np.asarray(a, np.float32) for a in value_and_grads("xla")]
+        got = [np.asarray(a, np.float32) for a in value_and_grads("gemm")]
+    for name, g, w in zip(("output", "input gradient", "kernel gradient"), got, want, strict=True):
+        assert g.shape == w.shape, name
+        assert np.abs(g - w).max() <= tol * np.abs(w).max(), (name, np.abs(g - w).max(), np.abs(w).max())
+    assert jax.eval_shape(lambda a, k: all_phase_conv(a, k, "gemm"), x, k_all).dtype == dtype
+    with pytest.raises(ValueError, match="how must be one of"):
+        all_phase_conv(x, k_all, "cudnn")
+
+
+@pytest.mark.parametrize("loss,formulation,phase_conv", [
+    ("bce", "subpixel", "xla"), ("mse", "subpixel", "xla"), ("bce", "plain_1ch", "xla"), ("bce", "fused_1ch", "xla"),
+    ("bce", "fused_subpixel", "xla"), ("bce", "fused_subpixel", "gemm")])
+def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation, phase_conv, monkeypatch):
+    from cellssl_jax.models import fused_blocks  # noqa: PLC0415
+
+    monkeypatch.setitem(fused_blocks.TUNING, "phase_conv", phase_conv)  # fused_subpixel's all-phase convolution
     params = init_params(ConvAE(), jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))
 

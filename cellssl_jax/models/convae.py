@@ -39,7 +39,9 @@ Formulations of the same function (``formulation``), all with the same parameter
   against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27, both with the first block's earlier
   backward pass; that layer's sub-pixel form had already timed no faster than the plain one alone, 4.78 against 4.97
   ms, despite the FLOPs); the CPU's own
-  sub-pixel form gained nothing from reading the phase layout either (BENCHMARKS.md). Kept as a tested alternative.
+  sub-pixel form gained nothing from reading the phase layout either (BENCHMARKS.md). Kept as a tested alternative;
+  ``fused_blocks.TUNING["phase_conv"] = "gemm"`` runs its 2×2 convolution as one matrix product of the windows
+  (``subpixel.all_phase_conv``; not yet timed on a GPU).
 - ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, on a GPU ``"fused_1ch"`` with a 16-bit
   compute dtype and ``"plain"`` in float32 (each the fastest measured there), ``"plain"`` elsewhere (TPU: not
   measured). With several GPUs the training step runs the kernels on each device's share of the
@@ -66,8 +68,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cellssl_jax.models.fused_blocks import conv_relu_pool_one_channel, relu_conv_to_one_channel
-from cellssl_jax.models.subpixel import all_phase_kernel, deinterleave_phases, interleave_phases, subpixel_kernels
+from cellssl_jax.models.fused_blocks import TUNING, conv_relu_pool_one_channel, relu_conv_to_one_channel
+from cellssl_jax.models.subpixel import (all_phase_conv, all_phase_kernel, deinterleave_phases, interleave_phases,
+                                         subpixel_kernels)
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 FORMULATIONS = ("plain", "subpixel", "subpixel_vjp", "plain_1ch", "fused_1ch", "fused_subpixel", "auto")
@@ -458,8 +461,7 @@ class ConvAE(nn.Module):
             kernel, bias = layers[2]
             if formulation == "fused_subpixel" and one_channel:
                 # the last upsampling conv in its phase layout [N, h+1, w+1, 4·C], read by the last block as it is
-                y = lax.conv_general_dilated(x, all_phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=_DIMS)
+                y = all_phase_conv(x, all_phase_kernel(kernel), TUNING["phase_conv"])
                 return relu_conv_to_one_channel(y, *layers[3], phases=True, pre_bias=bias).astype(jnp.float32)
             if formulation in _FUSED and one_channel:  # the conv's bias goes to the last block (fused_blocks.TUNING)
                 y = lax.conv_general_dilated(upsample_nearest_2x(x), kernel, (1, 1), "SAME", dimension_numbers=_DIMS)

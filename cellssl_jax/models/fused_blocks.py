@@ -94,6 +94,10 @@ TUNING = {
     # bias inside cuDNN's convolution and round once. Timed on an H100 (bf16, batch 256, 2026-11-27): no faster
     # (21,554 against 21,554 images/s; 28,323 against 28,368 with "saved"), so "xla" stays.
     "last_pre_bias": "xla",
+    # Formulation fused_subpixel: the 2×2 all-phase convolution that feeds the last block its phase layout, by XLA's
+    # convolution ("xla") or as one matrix product of the 2×2 windows ("gemm", subpixel.all_phase_conv). Not yet
+    # timed on a GPU; fused_subpixel itself ran slower than fused_1ch there with "xla" (BENCHMARKS.md).
+    "phase_conv": "xla",
 }
 FIRST_BACKWARDS = ("auto", "xla", "products", "pallas", "saved")
 LAST_PRE_BIASES = ("xla", "kernel")
