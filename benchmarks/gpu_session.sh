@@ -5,7 +5,8 @@
 #
 # PARTS (default: all, in this order): env kernels train_bf16 alternatives tune train_bf16_b64 train_fp32 layers
 # data_wait data_wait_host; also, when named: tune_last train_tuned (the last block's tilings, then the step with the
-# fastest), anatomy (the project step against a bare Adam+BCE step). alternatives: the step with fused_blocks.TUNING
+# fastest), anatomy (the project step against a bare Adam+BCE step), layers_dec3 (the two upsampling layers alone,
+# plain and in the phase layout by XLA's convolution and as one product). alternatives: the step with fused_blocks.TUNING
 # settings (ALTERNATIVES) against the default, in one run.
 # "kernels" runs, before anything is timed, the compiled Pallas kernels' tests and the fused formulations' whole model
 # against plain (tests/test_fused_blocks.py, tests/test_model.py; KERNELS_K narrows the -k expression); "tune" times
@@ -19,11 +20,12 @@
 # GPU runs since 2026-11-26; --finish host gives the float-fed step of the earlier figures); the per-layer profile;
 # then the data-wait measurement in steady state (the default Grain pipeline with 12 worker processes feeding the bf16
 # step of DATA_WAIT_FORMULATION), with the crops finished on the GPU (input.finish=auto) and on the host. All default
-# parts exceed one 600 s call (their limits add up to ~24 min): name a few per call (2026-11-27 05:46 UTC: env kernels
-# alternatives anatomy tune in 357 s, then train_bf16 layers data_wait in 224 s, the layer profile cut at its 100 s
-# limit). A next lease's first call: PARTS='env kernels alternatives tune' ALTERNATIVES_LIMIT=200 TUNE_LIMIT=120
-# (fused_subpixel's phase_conv=gemm against auto; the mask kernel's tilings): limits of 30+240+200+120 s; the kernels
-# took 131 s there, the five-variant alternatives ~90 s.
+# parts exceed one 600 s call (their limits add up to ~24 min): name a few per call (2026-11-27 05:46 UTC, one
+# command of three invocations, PARTS='env kernels alternatives', PARTS=anatomy and PARTS=tune: 357 s; then PARTS=
+# 'train_bf16 data_wait layers', 224 s, the layer profile cut at its 100 s limit; then 'train_bf16_b64 train_fp32', 95
+# s). A next lease's first call: PARTS='env kernels alternatives layers_dec3' ALTERNATIVES_LIMIT=170 (fused_subpixel's
+# phase_conv=gemm against auto, in the step and alone): limits of 30+240+170+100 s; the kernels took 131 s there, the
+# five-variant alternatives 89 s. Then PARTS=tune (the mask kernel's tilings).
 # Python packages that the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from
 # wheels in ./.whl when present; fetch them where pip works, for the GPU machine's Python (3.12 so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -87,10 +89,12 @@ want anatomy && part anatomy ${ANATOMY_LIMIT:-100} $PY benchmarks/train_throughp
 want train_bf16_b64 && part train_bf16_b64 90 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 64 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
 # float32: auto is plain on a GPU (fused_1ch ran slower there, 2026-11-27), fused_1ch beside it
-want train_fp32 && part train_fp32 90 $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 \
+want train_fp32 && part train_fp32 ${FP32_LIMIT:-120} $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 \
   --formulations auto fused_1ch \
   --torch nchw channels_last --skip-inference --repeats 5
 want layers && part layers ${LAYERS_LIMIT:-100} $PY benchmarks/layer_profile.py --batch 256 --repeats 3
+want layers_dec3 && part layers_dec3 ${LAYERS_DEC3_LIMIT:-100} $PY benchmarks/layer_profile.py --batch 256 --repeats 3 \
+  --layers dec3 dec2 --forms plain phase_gemm phase_xla
 # The data-wait parts feed DATA_WAIT_FORMULATION's step (default auto); "fastest" takes the jax formulation with the most
 # images/s in this session's train_bf16.log (a faster step is the harder test of the pipeline), auto when there is none.
 DWF=${DATA_WAIT_FORMULATION:-auto}

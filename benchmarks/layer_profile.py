@@ -47,8 +47,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--forms", nargs="+", default=["plain", "subpixel"], choices=["plain", "subpixel"],
-                   help="how the two upsampling layers are written (the others are the same in both)")
+    p.add_argument("--forms", nargs="+", default=["plain", "subpixel"],
+                   choices=["plain", "subpixel", "phase_xla", "phase_gemm"],
+                   help="how the two upsampling layers are written (the others are the same in all): phase_* write "
+                        "the sub-pixel phase layout [N, h+1, w+1, 4·O] that formulation fused_subpixel's last block "
+                        "reads, by XLA's convolution or as one matrix product (subpixel.all_phase_conv)")
     p.add_argument("--steps-per-call", type=int, default=None, help="default: 1 on CPU, 20 on an accelerator")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", nargs="+", default=None, help="only these layers (name prefixes: enc1 dec3 ...)")
@@ -63,6 +66,7 @@ def layer_fn(form: str, up: bool, relu: bool):
     from cellssl_jax.models.convae import (conv_from_one_channel_vjp, conv_to_one_channel_vjp, upsample_conv_subpixel,
                                            upsample_nearest_2x)
     from cellssl_jax.models.fused_blocks import conv_relu_pool_one_channel, relu_conv_to_one_channel
+    from cellssl_jax.models.subpixel import all_phase_conv, all_phase_kernel
 
     def f(x, kernel, bias):
         if form == "fused":  # formulation fused_1ch: conv + bias + ReLU + the 2x2 max pool after it, one kernel
@@ -73,6 +77,8 @@ def layer_fn(form: str, up: bool, relu: bool):
             y = (conv_from_one_channel_vjp if x.shape[-1] == 1 else conv_to_one_channel_vjp)(x, kernel, bias)
         elif up and form == "subpixel":
             y = upsample_conv_subpixel(x, kernel, bias)
+        elif up and form.startswith("phase_"):  # no interleaving: the phase layout, each phase with the bias
+            y = all_phase_conv(x, all_phase_kernel(kernel), form.removeprefix("phase_")) + jnp.tile(bias, 4)
         else:
             y = _conv(upsample_nearest_2x(x) if up else x, kernel, bias)
         return jax.nn.relu(y) if relu else y
@@ -118,7 +124,10 @@ def main(argv=None) -> int:
                      + (["fused"] if ci == 1 else []) + (["fused_in"] if co == 1 else [])):
             f, train = layer_fn(form, up, relu)
             cot_side = out_side // 2 if form == "fused" else out_side  # the fused block ends with its pool
-            cot = jnp.asarray(rng.normal(size=(args.batch, cot_side, cot_side, co)).astype(np.float32), dtype)
+            cot_shape = (args.batch, cot_side, cot_side, co)
+            if up and form.startswith("phase_"):
+                cot_shape = (args.batch, side + 1, side + 1, 4 * co)
+            cot = jnp.asarray(rng.normal(size=cot_shape).astype(np.float32), dtype)
             jf = jax.jit(f)
             jt = jax.jit(train, static_argnums=4)
 

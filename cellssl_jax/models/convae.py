@@ -31,8 +31,8 @@ Formulations of the same function (``formulation``), all with the same parameter
   28,350-28,370 images/s, 3.85× PyTorch eager (channels_last), 36.5-37.2% MFU (BENCHMARKS.md, 2026-11-27); 21,550
   images/s (2.93×) with autodiff's backward for that block, the default before. In float32 it ran 6,000 images/s
   against plain's 6,900 on the same card, so ``auto`` runs plain there.
-- ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.97
-  ms of the 11.8 ms step on the H100) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
+- ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.89
+  ms of the ~9.0 ms step on the H100, 2026-11-27) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
   the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output [N, h+1, w+1, 4·C]
   the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so neither the
   128-channel activation nor its gradient is ever interleaved. Written for the GPU and slower there: 17,200 images/s
@@ -110,7 +110,7 @@ def _slow_on(backend: str, dtype) -> tuple[str, str, dict[str, str]]:
     if backend == "cpu":
         return "the CPU", "subpixel_vjp here, 1.8x PyTorch eager at batch 64-256", _SLOW_ON_CPU
     if backend == "gpu" and _is_16_bit(dtype):
-        return "a GPU", "fused_1ch there, 3.9x PyTorch eager on an H100 in bf16", _SLOW_ON_GPU
+        return "a GPU", "fused_1ch there, 3.85x PyTorch eager on an H100 in bf16", _SLOW_ON_GPU
     if backend == "gpu":
         return "a GPU", "plain there in float32, 1.4x PyTorch eager on an H100", _SLOW_ON_GPU_FLOAT32
     return "", "", {}

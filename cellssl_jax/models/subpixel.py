@@ -10,10 +10,12 @@ block, which reads the phase layout as it is (fused_blocks.relu_conv_to_one_chan
 ``all_phase_conv`` computes that one 2×2 convolution two ways: ``"xla"``, XLA's convolution (cuDNN on a GPU), and
 ``"gemm"``, one matrix product of the 2×2 windows (``window_patches``: the four shifted copies of the padded input
 side by side, [N, h+1, w+1, 4·I]) with the kernel as a [4·I, 4·O] matrix, whose backward pass is two more products
-in the input's dtype with float32 sums (input gradient: the window gradient summed back at its four offsets; weight
-gradient: patchesᵀ @ output gradient). Why: on an H100 in bf16 the sub-pixel form of the 64→128 layer timed no
-faster than the plain one through XLA's convolutions (4.78 against 4.97 ms of training work at batch 256) although it
-has 2.2× fewer FLOPs; as products with a million rows it is the shape matrix units run best. Not yet timed on a GPU.
+in the input's dtype with float32 sums: the input gradient (the window gradient, rounded to the input's dtype for
+half the bytes, summed back at its four offsets in float32: a second rounding that XLA's convolution does not make)
+and the weight gradient (patchesᵀ @ output gradient). Why: on an H100 in bf16 the sub-pixel form of the 64→128
+layer timed no faster than the plain one through XLA's convolutions (4.78 against 4.97 ms of training work at batch
+256) although it has 2.2× fewer FLOPs; as products with a million rows it is the shape matrix units run best. Not
+yet timed on a GPU.
 """
 
 from __future__ import annotations
