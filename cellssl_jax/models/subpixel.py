@@ -10,9 +10,9 @@ block, which reads the phase layout as it is (fused_blocks.relu_conv_to_one_chan
 ``all_phase_conv`` computes that one 2×2 convolution two ways: ``"xla"``, XLA's convolution (cuDNN on a GPU), and
 ``"gemm"``, one matrix product of the 2×2 windows (``window_patches``: the four shifted copies of the padded input
 side by side, [N, h+1, w+1, 4·I]) with the kernel as a [4·I, 4·O] matrix, whose backward pass is two more products
-in the input's dtype with float32 sums: the input gradient (the window gradient, rounded to the input's dtype for
-half the bytes, summed back at its four offsets in float32: a second rounding that XLA's convolution does not make)
-and the weight gradient (patchesᵀ @ output gradient). Why: on an H100 in bf16 the sub-pixel form of the 64→128
+in the input's dtype: the input gradient (the window gradient, in the input's dtype, summed back at its four offsets
+in float32: a second rounding that XLA's convolution does not make) and the weight gradient (patchesᵀ @ output
+gradient, a float32 result). Why: on an H100 in bf16 the sub-pixel form of the 64→128
 layer timed no faster than the plain one through XLA's convolutions (4.78 against 4.97 ms of training work at batch
 256) although it has 2.2× fewer FLOPs; as products with a million rows it is the shape matrix units run best. Not
 yet timed on a GPU.
@@ -90,13 +90,15 @@ def window_patches(x: jax.Array) -> jax.Array:
 
 
 def _channel_products(a: jax.Array, matrix: jax.Array) -> jax.Array:
-    """a [..., K] @ matrix [K, J] in the inputs' dtype, summed in float32."""
-    return lax.dot_general(a, matrix, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a [..., K] @ matrix [K, J], the result in the inputs' dtype. Not asked for in float32: that would write the
+    [N·65·65, 512] result at twice the bytes and convert it in a pass of its own; XLA's bf16 matrix products on a GPU
+    sum in float32 anyway (cuBLAS compute type F32), as its bf16 convolutions do."""
+    return lax.dot_general(a, matrix, (((a.ndim - 1,), (0,)), ((), ())))
 
 
 @jax.custom_vjp
 def _phase_gemm(x, k_all):
-    return _channel_products(window_patches(x), k_all.reshape(-1, k_all.shape[-1])).astype(x.dtype)
+    return _channel_products(window_patches(x), k_all.reshape(-1, k_all.shape[-1]).astype(x.dtype))
 
 
 def _phase_gemm_fwd(x, k_all):
@@ -108,7 +110,7 @@ def _phase_gemm_bwd(res, dy):
     x, k_all = res
     _, h, w, ci = x.shape
     dy = dy.astype(x.dtype)  # the output's dtype; autodiff would widen the products to float32 here
-    d_windows = _channel_products(dy, k_all.reshape(-1, k_all.shape[-1]).T).astype(x.dtype)  # [N, h+1, w+1, 4·I]
+    d_windows = _channel_products(dy, k_all.reshape(-1, k_all.shape[-1]).T.astype(x.dtype))  # [N, h+1, w+1, 4·I]
     # the adjoint of window_patches: window (a, b) back at its offset in the padded grid, summed, the pad cut off
     windows = [d_windows[..., i * ci:(i + 1) * ci].astype(jnp.float32) for i in range(4)]
     dxp = sum(jnp.pad(dw, ((0, 0), (i // 2, 1 - i // 2), (i % 2, 1 - i % 2), (0, 0))) for i, dw in enumerate(windows))
