@@ -32,16 +32,15 @@ Formulations of the same function (``formulation``), all with the same parameter
   images/s (2.93×) with autodiff's backward for that block, the default before. In float32 it ran 6,000 images/s
   against plain's 6,900 on the same card, so ``auto`` runs plain there.
 - ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.89
-  ms of the ~9.0 ms step on the H100, 2026-11-27) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled output with
-  the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output [N, h+1, w+1, 4·C]
-  the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so neither the
-  128-channel activation nor its gradient is ever interleaved. Written for the GPU and slower there: 17,200 images/s
-  against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27, both with the first block's earlier
-  backward pass; that layer's sub-pixel form had already timed no faster than the plain one alone, 4.78 against 4.97
-  ms, despite the FLOPs); the CPU's own
-  sub-pixel form gained nothing from reading the phase layout either (BENCHMARKS.md). Kept as a tested alternative;
-  ``fused_blocks.TUNING["phase_conv"] = "gemm"`` runs its 2×2 convolution as one matrix product of the windows
-  (``subpixel.all_phase_conv``; not yet timed on a GPU).
+  ms of the ~9.0 ms step on the H100, 2026-11-27) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled
+  output with the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output
+  [N, h+1, w+1, 4·C] the fused last block reads in that phase layout (``relu_conv_to_one_channel(phases=True)``), so
+  neither the 128-channel activation nor its gradient is ever interleaved. Written for the GPU and slower there:
+  17,200 images/s against fused_1ch's 21,600 on an H100 in bf16 at batch 256 (2026-11-27, both with the first
+  block's earlier backward pass; that layer's sub-pixel form had already timed no faster than the plain one alone,
+  4.78 against 4.97 ms, despite the FLOPs); the CPU's own sub-pixel form gained nothing from reading the phase layout
+  either (BENCHMARKS.md). Kept as a tested alternative; ``fused_blocks.TUNING["phase_conv"] = "gemm"`` runs its 2×2
+  convolution as one matrix product of the windows (``subpixel.all_phase_conv``; not yet timed on a GPU).
 - ``"auto"``: decided when the function is traced: ``"subpixel_vjp"`` on CPU, on a GPU ``"fused_1ch"`` with a 16-bit
   compute dtype and ``"plain"`` in float32 (each the fastest measured there), ``"plain"`` elsewhere (TPU: not
   measured). With several GPUs the training step runs the kernels on each device's share of the

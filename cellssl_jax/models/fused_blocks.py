@@ -84,8 +84,9 @@ TUNING = {
     "last_fwd_rows": 64, "last_fwd_warps": 4, "last_bwd_rows": 2048, "last_bwd_chunk": 32, "last_bwd_warps": 4,
     "last_stages": 2,
     # The first block's backward pass (module docstring): "auto" = "saved" for 16-bit inputs, "xla" for float32, on
-    # an H100 at batch 256 (2026-11-27) the fastest of the four timed in bf16 and of the two timed in float32. The last block's tiling above was within
-    # 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training work at batch 256, bf16; 2026-11-27).
+    # an H100 at batch 256 (2026-11-27) the fastest of the four timed in bf16 and of the two timed in float32. The
+    # last block's tiling above was within 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training
+    # work at batch 256, bf16; 2026-11-27).
     "first_backward": "auto",
     "first_mask_rows": 2048, "first_mask_chunk": 32, "first_mask_warps": 4,
     # The previous conv's bias in the last block: "xla" (added by XLA to the conv output, its gradient a reduction
