@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     from cellssl_jax.models import fused_blocks
     from layer_profile import layer_fn
-    from train_throughput import repeated, timed_once
+    from train_throughput import repeated, timed_once, tuned
 
     dtype = jnp.dtype(args.dtype)
     rng = np.random.default_rng(0)
@@ -123,26 +123,23 @@ def main(argv=None) -> int:
                       flush=True)
             except Exception as err:  # noqa: BLE001
                 print(f"| {block} | unfused {form} | FAILED {type(err).__name__}: {str(err)[:200]} | |", flush=True)
-        default = dict(fused_blocks.TUNING)
         prefix = "first_" if first else "last_"
         for name, overrides in CONFIGS:
             if (args.configs and name not in args.configs) or ("backward" in overrides and not first):
                 continue
-            fused_blocks.TUNING.update({prefix + k: v for k, v in ({"backward": "pallas"} if first else {}).items()})
-            fused_blocks.TUNING.update({prefix + k: v for k, v in overrides.items()})
+            # the first block's rows time its Pallas backward kernel unless they name another backward pass
+            setting = {prefix + k: v for k, v in {**({"backward": "pallas"} if first else {}), **overrides}.items()}
             try:
-                fwd, train = time_pair(lambda *a: fused[block](*a, impl="pallas"), x, kernel, bias, cot_fused,
-                                       input_grad)
+                with tuned(setting):
+                    fwd, train = time_pair(lambda *a: fused[block](*a, impl="pallas"), x, kernel, bias, cot_fused,
+                                           input_grad)
                 print(f"| {block} | fused {name} | {fwd:.3f} | {train:.3f} |", flush=True)
-                chosen = {prefix + k: fused_blocks.TUNING[prefix + k] for k in overrides}
+                chosen = {prefix + k: setting[prefix + k] for k in overrides}
                 if first:
-                    chosen["first_backward"] = fused_blocks.TUNING["first_backward"]
+                    chosen["first_backward"] = setting["first_backward"]
                 best_overrides.setdefault(prefix, []).append((train, chosen))
             except Exception as err:  # noqa: BLE001 - a configuration Triton rejects: report, go on
                 print(f"| {block} | fused {name} | FAILED {type(err).__name__}: {str(err)[:300]} | |", flush=True)
-            finally:
-                fused_blocks.TUNING.clear()
-                fused_blocks.TUNING.update(default)
     if args.write_best:
         import json
 

@@ -258,14 +258,15 @@ def _mask_weight_kernel(qt_ref, mask_ref, g_ref, dw_ref, db_ref, *, chunk_size, 
     def chunk(i, acc):
         dws, db = acc
         rows = _chunk_rows(i, chunk_size)
-        m, share = _mask_share(mask_ref[rows, :], g_ref[rows, :])
+        g = g_ref[rows, :]  # read once: the shares and the bias gradient
+        m, share = _mask_share(mask_ref[rows, :], g)
         qt = qt_ref[:, rows]
         new_dws = []
         for s in range(4):
             dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
             new_dws.append(dws[s] + _dot(qt, dz, dtype))
         # Σ_s dz_s: the whole cotangent where any sub-position passes it (one reduction instead of four)
-        db = db + jnp.sum(jnp.where(m != 0, g_ref[rows, :].astype(jnp.float32), 0.0), axis=0, keepdims=True)
+        db = db + jnp.sum(jnp.where(m != 0, g.astype(jnp.float32), 0.0), axis=0, keepdims=True)
         return tuple(new_dws), db
 
     _weight_grads_over_chunks(mask_ref.shape[0] // chunk_size, chunk, c, dw_ref, db_ref)
