@@ -90,9 +90,11 @@ want anatomy && part anatomy ${ANATOMY_LIMIT:-100} $PY benchmarks/train_throughp
   --formulations auto --minimal-step --torch channels_last --skip-inference --repeats 5
 want train_bf16_b64 && part train_bf16_b64 90 $PY benchmarks/train_throughput.py --dtype bfloat16 --batch-sizes 64 --formulations auto \
   --torch nchw channels_last --skip-inference --repeats 5
-# float32: auto is plain on a GPU (fused_1ch ran slower there, 2026-11-27), fused_1ch beside it
+# float32: auto is plain on a GPU (fused_1ch ran slower there, 2026-11-27, when its kernels' products ran at full
+# float32 precision; since then they take jax's default, TF32 like XLA's convolutions: not yet timed), fused_1ch with
+# the first block's two backward passes beside it
 want train_fp32 && part train_fp32 ${FP32_LIMIT:-120} $PY benchmarks/train_throughput.py --dtype float32 --batch-sizes 256 \
-  --formulations auto fused_1ch \
+  --formulations auto fused_1ch fused_1ch+first_backward=saved \
   --torch nchw channels_last --skip-inference --repeats 5
 want layers && part layers ${LAYERS_LIMIT:-100} $PY benchmarks/layer_profile.py --batch 256 --repeats 3
 want layers_dec3 && part layers_dec3 ${LAYERS_DEC3_LIMIT:-100} $PY benchmarks/layer_profile.py --batch 256 --repeats 3 \

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.extend import core as jax_core
 
 from cellssl_jax.models import fused_blocks
 from cellssl_jax.models.convae import _conv_reference, max_pool_2x2
@@ -354,6 +355,42 @@ def test_each_kernel_lowers_to_triton_for_cuda_under_this_jax(dtype, first_backw
     assert phased == ["last_block_backward", "last_block_forward"]
 
 
+def _kernel_product_precisions(jaxpr) -> list:
+    """The ``precision`` of every matrix product inside the Pallas kernels of ``jaxpr``, however deeply nested."""
+    found = []
+    for eqn in jaxpr.eqns:
+        inner = list(jax_core.jaxprs_in_params(eqn.params))
+        if eqn.primitive.name == "pallas_call":
+            found += [e.params["precision"] for j in _all_jaxprs(inner) for e in j.eqns
+                      if e.primitive.name == "dot_general"]
+        else:
+            found += [p for j in inner for p in _kernel_product_precisions(j)]
+    return found
+
+
+def _all_jaxprs(jaxprs):
+    for j in jaxprs:
+        yield j
+        yield from _all_jaxprs(jax_core.subjaxprs(j))
+
+
+@pytest.mark.parametrize("setting,want", [(None, None), ("highest", (jax.lax.Precision.HIGHEST,) * 2)])
+def test_float32_kernels_follow_jaxs_matmul_precision_setting(setting, want, monkeypatch):
+    """The kernels' products take jax's matmul precision as XLA's convolutions do (in float32 on a GPU, TF32 by
+    default and full float32 under "highest"; Triton's lowering maps ``None`` to TF32), not a precision of their own:
+    a float32 model then gets the same rounding from a fused block as from the XLA ops it replaces."""
+    monkeypatch.setitem(fused_blocks.TUNING, "first_backward", "saved")
+    x, k, b = jnp.zeros((8, 16, 16, 1)), jnp.zeros((3, 3, 1, 32)), jnp.zeros((32,))
+    pre, k_last, b_last = jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 1)), jnp.zeros((1,))
+    with jax.default_matmul_precision(setting):
+        first = jax.make_jaxpr(_value_and_grad_of_sum(fused_blocks.conv_relu_pool_one_channel))(x, k, b)
+        last = jax.make_jaxpr(_value_and_grad_of_sum(fused_blocks.relu_conv_to_one_channel))(pre, k_last, b_last)
+    precisions = _kernel_product_precisions(first.jaxpr) + _kernel_product_precisions(last.jaxpr)
+    # forward 4 + mask weight gradient 4 + mask input gradient 4; last block forward 1 + backward 2
+    assert len(precisions) == 15, precisions
+    assert all(p == want for p in precisions), precisions
+
+
 @pytest.mark.parametrize("where", ["xla", "kernel"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_the_last_block_with_the_previous_bias_lowers_to_triton_for_cuda(dtype, where, monkeypatch):
@@ -424,16 +461,18 @@ def test_the_fused_models_training_gradient_lowers_with_its_kernels_for_cuda(for
 
 def _assert_compiled_close(fused, unfused, args, rtol, names=NAMES):
     """The compiled kernel (``fused``) against the unfused ops in float32 without TF32, on the same (rounded) inputs.
-    float32: within ``rtol``. bfloat16: no further from that float32 reference than the unfused ops run in bfloat16 on
+    float32: within ``rtol``, the kernel's products at full float32 precision too. bfloat16: no further from that float32 reference than the unfused ops run in bfloat16 on
     the same card (1.5× their error, or ``rtol``), the CPU test's rule above: in bf16 the pool's max and the ReLU's
     mask flip where values round together, in the unfused ops as much as in the kernel (2026-11-27 on an H100: the
     first block's input gradient 5.3e-2 from float32, which an absolute 2e-2 called a failure)."""
     with jax.default_matmul_precision("highest"):  # a float32 reference without TF32
         want = jax.jit(lambda *a: _value_and_grads(unfused, *a))(*[a.astype(jnp.float32) for a in args])
-    got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*args)
+    run = jax.jit(lambda *a: _value_and_grads(fused, *a))
     if args[0].dtype == jnp.float32:
-        _assert_close(got, want, rtol, norm=2, names=names)
+        with jax.default_matmul_precision("highest"):  # the kernels' products follow it: full float32, no TF32
+            _assert_close(run(*args), want, rtol, norm=2, names=names)
         return
+    got = run(*args)
     base = _relative_errors(jax.jit(lambda *a: _value_and_grads(unfused, *a))(*args), want)
     for name, a, err, b in zip(names, got, _relative_errors(got, want), base, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all() and err <= max(rtol, 1.5 * b), (

@@ -30,7 +30,8 @@ Formulations of the same function (``formulation``), all with the same parameter
   batch 256 (first block's backward from the pooling mask its forward kernel saved, ``fused_blocks.TUNING``):
   28,350-28,370 images/s, 3.85× PyTorch eager (channels_last), 36.5-37.2% MFU (BENCHMARKS.md, 2026-11-27); 21,550
   images/s (2.93×) with autodiff's backward for that block, the default before. In float32 it ran 6,000 images/s
-  against plain's 6,900 on the same card, so ``auto`` runs plain there.
+  against plain's 6,900 on the same card, so ``auto`` runs plain there (measured while the kernels' products ran at
+  full float32 precision against XLA's TF32; they follow jax's precision setting since, not yet timed).
 - ``"fused_subpixel"``: ``"fused_1ch"`` with the last upsampling conv (up + 64→128 at 128², 73% of the FLOPs; 4.89
   ms of the ~9.0 ms step on the H100, 2026-11-27) in its sub-pixel form: one 2×2 convolution of dec2's un-upsampled
   output with the four phases on the output axis (``subpixel.all_phase_kernel``; 2.2× fewer FLOPs), whose output
@@ -99,7 +100,8 @@ _SLOW_ON_GPU = {
 }
 # In float32 auto runs plain (6,900 images/s); only fused_1ch was timed against it there.
 _SLOW_ON_GPU_FLOAT32 = {
-    "fused_1ch": "6,000 images/s against auto's 6,900 (H100, float32, batch 256, 2026-11-27)",
+    "fused_1ch": "6,000 images/s against auto's 6,900 (H100, float32, batch 256, 2026-11-27, its kernels' products "
+                 "then at full float32 precision)",
 }
 
 

@@ -206,9 +206,11 @@ def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _dot(a, b, dtype):
-    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None  # float32 models: no TF32 rounding
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+def _dot(a, b):
+    # jax's matmul precision setting, as XLA's own convolutions and products get it: in float32 TF32 by default on
+    # a GPU, full float32 under jax.default_matmul_precision("highest"). (Until 2026-11-27 the kernels forced
+    # HIGHEST in float32, which made them slower than the XLA ops they replace: BENCHMARKS.md, "GPU: NVIDIA H100".)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
@@ -220,7 +222,7 @@ def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
     b = b_ref[...].astype(jnp.float32)
     best = hits = None
     for s in range(4):
-        z = _dot(q, w_ref[s, :, :], q.dtype)
+        z = _dot(q, w_ref[s, :, :])
         z = z + b if mask_ref else z
         if best is None:
             best, hits = z, (jnp.ones(z.shape, jnp.int32) if mask_ref else None)
@@ -264,7 +266,7 @@ def _mask_weight_kernel(qt_ref, mask_ref, g_ref, dw_ref, db_ref, *, chunk_size, 
         new_dws = []
         for s in range(4):
             dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
-            new_dws.append(dws[s] + _dot(qt, dz, dtype))
+            new_dws.append(dws[s] + _dot(qt, dz))
         # Σ_s dz_s: the whole cotangent where any sub-position passes it (one reduction instead of four)
         db = db + jnp.sum(jnp.where(m != 0, g.astype(jnp.float32), 0.0), axis=0, keepdims=True)
         return tuple(new_dws), db
@@ -279,7 +281,7 @@ def _mask_input_kernel(mask_ref, g_ref, wt_ref, dq_ref):
     dq = None
     for s in range(4):
         dz = jnp.where(((m >> s) & 1) != 0, share, 0.0).astype(dtype)
-        t = _dot(dz, wt_ref[s, :, :], dtype)
+        t = _dot(dz, wt_ref[s, :, :])
         dq = t if dq is None else dq + t
     dq_ref[...] = dq
 
@@ -295,10 +297,10 @@ def _backward_kernel(q_ref, qt_ref, w_ref, wt_ref, b_ref, g_ref, dq_ref, dw_ref,
         rows = _chunk_rows(i, chunk_size)
         q = q_ref[rows, :]
         # pass 1: the pooled pre-activation and how many sub-positions reach it (ties share the gradient)
-        best = _dot(q, w_ref[0, :, :], dtype)
+        best = _dot(q, w_ref[0, :, :])
         ties = jnp.ones_like(best)
         for s in range(1, 4):
-            z = _dot(q, w_ref[s, :, :], dtype)
+            z = _dot(q, w_ref[s, :, :])
             ties = jnp.where(z > best, 1.0, jnp.where(z == best, ties + 1.0, ties))
             best = jnp.maximum(best, z)
         g = g_ref[rows, :].astype(jnp.float32)
@@ -308,12 +310,12 @@ def _backward_kernel(q_ref, qt_ref, w_ref, wt_ref, b_ref, g_ref, dq_ref, dw_ref,
         dq = jnp.zeros((chunk_size, 16), jnp.float32)
         new_dws = []
         for s in range(4):
-            z = _dot(q, w_ref[s, :, :], dtype)
+            z = _dot(q, w_ref[s, :, :])
             dz = jnp.where(z == best, share, 0.0)
             db = db + jnp.sum(dz, axis=0, keepdims=True)
             dz = dz.astype(dtype)
-            new_dws.append(dws[s] + _dot(qt, dz, dtype))
-            dq = dq + _dot(dz, wt_ref[s, :, :], dtype)
+            new_dws.append(dws[s] + _dot(qt, dz))
+            dq = dq + _dot(dz, wt_ref[s, :, :])
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return tuple(new_dws), db
 
@@ -618,7 +620,7 @@ def _biased(pre, pre_bias):
 def _last_forward_kernel(*refs, biased):
     pre_ref, pb_ref, kt_ref, out_ref = refs if biased else (refs[0], None, *refs[1:])
     a = jnp.maximum(_biased(pre_ref[...], pb_ref[...] if biased else None), 0)
-    out_ref[...] = _dot(a, kt_ref[...], a.dtype)
+    out_ref[...] = _dot(a, kt_ref[...])
 
 
 def _last_backward_kernel(*refs, chunk_size, biased):
@@ -629,19 +631,18 @@ def _last_backward_kernel(*refs, chunk_size, biased):
         pb = pb_ref[...]
     else:
         (taps_ref, taps_t_ref, pre_ref, k_ref, dpre_ref, dk_ref), pb = refs, None
-    dtype = pre_ref.dtype
     c = pre_ref.shape[-1]
 
     def chunk(i, acc):
         dk, dpb = acc
         rows = _chunk_rows(i, chunk_size)
         a = _biased(pre_ref[rows, :], pb)
-        da = _dot(taps_ref[rows, :], k_ref[...], dtype)
+        da = _dot(taps_ref[rows, :], k_ref[...])
         dpre = jnp.where(a > 0, da, 0.0).astype(dpre_ref.dtype)
         dpre_ref[rows, :] = dpre
         if biased:
             dpb = dpb + jnp.sum(dpre.astype(jnp.float32), axis=0, keepdims=True)
-        return dk + _dot(taps_t_ref[:, rows], jnp.maximum(a, 0), dtype), dpb
+        return dk + _dot(taps_t_ref[:, rows], jnp.maximum(a, 0)), dpb
 
     zeros = (jnp.zeros((16, c), jnp.float32), jnp.zeros((1, c), jnp.float32) if biased else None)
     dk, dpb = _over_chunks(pre_ref.shape[0] // chunk_size, chunk, zeros)
