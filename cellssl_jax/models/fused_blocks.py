@@ -209,7 +209,8 @@ def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
 def _dot(a, b):
     # jax's matmul precision setting, as XLA's own convolutions and products get it: in float32 TF32 by default on
     # a GPU, full float32 under jax.default_matmul_precision("highest"). (Until 2026-11-27 the kernels forced
-    # HIGHEST in float32, which made them slower than the XLA ops they replace: BENCHMARKS.md, "GPU: NVIDIA H100".)
+    # HIGHEST in float32, and ran slower there than the XLA ops they replace, BENCHMARKS.md "GPU: NVIDIA H100"; the
+    # precision is the likely cause, not yet measured.)
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
