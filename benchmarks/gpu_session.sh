@@ -23,13 +23,14 @@
 # parts exceed one 600 s call (their limits add up to ~24 min): name a few per call (2026-11-27 05:46 UTC, one
 # command of three invocations, PARTS='env kernels alternatives', PARTS=anatomy and PARTS=tune: 357 s; then PARTS=
 # 'train_bf16 data_wait layers', 224 s, the layer profile cut at its 100 s limit; then 'train_bf16_b64 train_fp32', 95
-# s). A next lease's first call: PARTS='env kernels alternatives layers_dec3 train_fp32' KERNELS_K='compiled or
-# (fast_formulation and fused)' KERNELS_LIMIT=150 ALTERNATIVES_LIMIT=170 (the compiled kernels, whose products now
-# follow jax's matmul precision, and the whole fused models against plain on the card, fused_subpixel+phase_conv=gemm
-# among them; phase_conv=gemm against auto in the step and alone; float32 with the kernels' TF32 products): limits of
-# 30+150+170+100+120 s. Then PARTS=tune (the mask kernel's tilings, its weight-gradient kernel rewritten after the
-# lease). All 16 compiled kernel tests passed at 05:46 (131 s), and gemm adds no kernel; the five-variant alternatives
-# took 89 s, tune 8 configurations ~45 s.
+# s). A next lease's first call: PARTS='env kernels alternatives train_fp32' KERNELS_K='compiled or (fast_formulation
+# and fused)' KERNELS_LIMIT=180 ALTERNATIVES_LIMIT=170 (the compiled kernels, whose products now follow jax's matmul
+# precision, also at the default float32 precision, and the whole fused models against plain on the card,
+# fused_subpixel+phase_conv=gemm among them; phase_conv=gemm against auto in the step; float32 with the kernels' TF32
+# products): limits of 30+180+170+120 s. Then PARTS='layers_dec3 tune' (the largest layer alone in its three forms;
+# the mask kernel's tilings, its weight-gradient kernel rewritten after the lease). All 16 compiled kernel tests
+# passed at 05:46 (131 s; 3 more since), and gemm adds no kernel; the five-variant alternatives took 89 s, tune 8
+# configurations ~45 s.
 # Python packages that the machine lacks (grain, array-record, ml-collections, portpicker, pytest) are installed from
 # wheels in ./.whl when present; fetch them where pip works, for the GPU machine's Python (3.12 so far):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

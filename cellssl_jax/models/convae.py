@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cellssl_jax.models.fused_blocks import TUNING, conv_relu_pool_one_channel, relu_conv_to_one_channel
+from cellssl_jax.models.fused_blocks import TUNING, conv_relu_pool_one_channel, is_16_bit, relu_conv_to_one_channel
 from cellssl_jax.models.subpixel import (all_phase_conv, all_phase_kernel, deinterleave_phases, interleave_phases,
                                          subpixel_kernels)
 
@@ -110,15 +110,11 @@ def _slow_on(backend: str, dtype) -> tuple[str, str, dict[str, str]]:
     measured elsewhere, so no claim."""
     if backend == "cpu":
         return "the CPU", "subpixel_vjp here, 1.8x PyTorch eager at batch 64-256", _SLOW_ON_CPU
-    if backend == "gpu" and _is_16_bit(dtype):
+    if backend == "gpu" and is_16_bit(dtype):
         return "a GPU", "fused_1ch there, 3.85x PyTorch eager on an H100 in bf16", _SLOW_ON_GPU
     if backend == "gpu":
         return "a GPU", "plain there in float32, 1.4x PyTorch eager on an H100", _SLOW_ON_GPU_FLOAT32
     return "", "", {}
-
-
-def _is_16_bit(dtype) -> bool:
-    return jnp.dtype(dtype).itemsize == 2
 
 
 _ONE_CHANNEL_PRODUCTS = ("plain_1ch", "fused_1ch", "fused_subpixel")
@@ -397,7 +393,7 @@ class ConvAE(nn.Module):
             return self.formulation
         backend = jax.default_backend()
         if backend == "gpu":  # the kernels pay in 16 bits; in float32 plain ran faster (_SLOW_ON_GPU_FLOAT32)
-            return "fused_1ch" if _is_16_bit(self.dtype) else "plain"
+            return "fused_1ch" if is_16_bit(self.dtype) else "plain"
         return "subpixel_vjp" if backend == "cpu" else "plain"
 
     def speed_warning(self) -> str | None:

@@ -23,7 +23,9 @@ accumulating the weight and bias gradients; the input gradient, when one is aske
 encoder), is a kernel of its own. Measured on an H100 at batch 256 (BENCHMARKS.md, 2026-11-27 05:46-05:58 UTC): in
 bf16 the block's forward + backward took 0.95 ms with "saved" against 3.40 ("xla") and 3.16 ("products"), and the
 whole training step ran 28,400 images/s against 21,550 and 22,000; in float32 "saved" made the step slower (3,700
-against 6,000 images/s with "xla"). So the default ``"auto"`` is "saved" for 16-bit inputs and "xla" for float32.
+against 6,000 images/s with "xla"), timed while the kernels' products ran at full float32 precision (they follow jax's
+matmul precision since, TF32 by default on a GPU: not yet re-timed). So the default ``"auto"`` is "saved" for 16-bit
+inputs (float16 taken to behave as bf16, not timed) and "xla" for float32.
 
 The math (no approximation). Pooled pixel (i, j) sees the 4×4 input patch at rows 2i−1..2i+2, cols 2j−1..2j+2 (zero
 outside the image): its 16 values are one row of ``patches`` [M, 16] (M = N·H/2·W/2). The conv output at sub-position
@@ -84,7 +86,8 @@ TUNING = {
     "last_fwd_rows": 64, "last_fwd_warps": 4, "last_bwd_rows": 2048, "last_bwd_chunk": 32, "last_bwd_warps": 4,
     "last_stages": 2,
     # The first block's backward pass (module docstring): "auto" = "saved" for 16-bit inputs, "xla" for float32, on
-    # an H100 at batch 256 (2026-11-27) the fastest of the four timed in bf16 and of the two timed in float32. The
+    # an H100 at batch 256 (2026-11-27) the fastest of the four timed in bf16 and of the two timed in float32 (the
+    # kernels' products then at full float32 precision; float16 not timed). The
     # last block's tiling above was within 0.1% of the best of eleven timed alone on an H100 (1.03 ms of training
     # work at batch 256, bf16; 2026-11-27).
     "first_backward": "auto",
@@ -192,6 +195,12 @@ def _on_each_device(fn, x, *params):
                          check_vma=False)(x, *params)
 
 
+def is_16_bit(dtype) -> bool:
+    """bf16 or float16 compute: the dtypes whose measured choices (here and in ``ConvAE``'s ``auto``) differ from
+    float32's."""
+    return jnp.dtype(dtype).itemsize == 2
+
+
 def pallas_supported(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether ``auto`` runs the Triton kernels: on a GPU, where one device holds the batch or the batch is split by
     ``batch_sharded``, for a power-of-two width (Triton tiles are powers of two)."""
@@ -216,9 +225,9 @@ def _dot(a, b):
 
 def _forward_kernel(q_ref, w_ref, b_ref, out_ref, *mask_ref):
     """With ``mask_ref``, also each output's pooling mask: bit s set where sub-position s holds the max (ties set
-    several), 0 where the ReLU passes nothing. The mask compares the pre-activations with the bias added, as the
-    unfused ops do (two products can tie only once the bias is added); the output is the same either way, since
-    rounding keeps the order."""
+    several), 0 where the ReLU passes nothing. The mask compares the float32 pre-activations with the bias added, as
+    the unfused ops do in float32 (adding the bias can make more of them tie); the output is the same either way,
+    since rounding keeps the order."""
     q = q_ref[...]
     b = b_ref[...].astype(jnp.float32)
     best = hits = None
@@ -447,7 +456,7 @@ def _first_backward(dtype) -> str:
     if choice not in FIRST_BACKWARDS:
         raise ValueError(f"fused_blocks.TUNING['first_backward'] must be one of {FIRST_BACKWARDS}, got {choice!r}")
     if choice == "auto":  # measured on an H100: saved 28,400 vs xla 21,550 images/s in bf16; 3,700 vs 6,000 in float32
-        return "saved" if jnp.dtype(dtype).itemsize == 2 else "xla"
+        return "saved" if is_16_bit(dtype) else "xla"
     return choice
 
 

@@ -109,7 +109,6 @@ def _phase_gemm_fwd(x, k_all):
 def _phase_gemm_bwd(res, dy):
     x, k_all = res
     _, h, w, ci = x.shape
-    dy = dy.astype(x.dtype)  # the output's dtype; autodiff would widen the products to float32 here
     d_windows = _channel_products(dy, k_all.reshape(-1, k_all.shape[-1]).T.astype(x.dtype))  # [N, h+1, w+1, 4·I]
     # the adjoint of window_patches: window (a, b) back at its offset in the padded grid, summed, the pad cut off
     windows = [d_windows[..., i * ci:(i + 1) * ci].astype(jnp.float32) for i in range(4)]
