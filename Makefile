@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(VPY) -m cellssl_jax.demo --workdir runs/demo
 
 # Two pytest worker processes (pytest-xdist): much of the suite is XLA compilation, one core each, so two workers
-# finish the 2-core CI machine's run in ~10.5 min instead of ~16 (BENCHMARKS.md, "Test suite"). TEST_WORKERS=0 runs
-# it in one process.
+# share the 2-core CI machine better than one process (390 tests: 10.5 min against 15.5; 477 tests: 14-16 min with
+# two; BENCHMARKS.md, "Test suite"). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -20,21 +20,12 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _features(a):
     from cellssl_jax.features import extract_from_checkpoint
 
-    data = Path(a.data)
-    if not (data / "dataset.json").exists():
-        # A manifest: build it into ArrayRecord first (the features room never reads image files itself).
-        from data_pipelines.build import build_dataset
-
-        dataset_dir = Path(a.out).parent / (Path(a.out).stem + "_dataset")
-        build_dataset(data, dataset_dir)
-        data = dataset_dir
-    extract_from_checkpoint(a.checkpoint, data, a.out, mode=a.mode, batch_size=a.batch_size)
+    extract_from_checkpoint(a.checkpoint, a.data, a.out, mode=a.mode, batch_size=a.batch_size)
 
 
 def _temporal(a):

@@ -23,7 +23,8 @@ worker processes or reader threads (the 2-core default) the batch is computed in
 as the step: the wait is then the pipeline's full cost.
 
 Source: ``--dataset`` (a ``python -m data_pipelines.build`` folder, through ``data_pipelines.source.open_source``) or
-in-memory PNGs of 256×256 phase-contrast-like frames decoded per access (benchmarks/input_pipeline.py's source).
+in-memory PNGs of 256×256 phase-contrast-like frames decoded per access (benchmarks/input_pipeline.py's source: a
+``--image-encoding png`` build's cost, dearer to decode than the default raw records).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/input_pipeline.py [--dataset DIR] [--images 128] [--batch 64] [--batches 6]
                                                   [--repeats 5] [--workers 1 2]
 
-Source: a dataset built by ``python -m data_pipelines.build`` when ``--dataset`` is given; otherwise 256×256 grayscale
-images PNG-encoded in memory (at the build's default zlib level) and decoded per access, like the built source.
+Source: a dataset built by ``python -m data_pipelines.build`` when ``--dataset`` is given (its default stores raw
+uint8 bytes: the decode stage then measures what training reads); otherwise 256×256 grayscale images PNG-encoded in
+memory and decoded per access, what a build with ``--image-encoding png`` stores: PNG decoding costs ~4x a raw
+record's (~315 against ~74 µs, commit 9627762), so that source's decode figures bound the default's from above.
 The images are shifted/flipped copies of ../shared/reference/HCT15_example.jpg (a real phase-contrast frame) when it
 exists, so PNG decoding costs what it costs on real data; smooth random texture otherwise.
 
@@ -157,7 +159,7 @@ def bench_in_process(source, pipeline_source, args) -> dict[str, list[tuple[floa
         "decode + crops": lambda: [A.multi_crop(source[i]["image"], rng, specs, params, out=rows_out) and None
                                    for i in range(n)],
         f"grain, 0 workers, batch {args.batch}": grain_run,
-        f"  ... finish=device": lambda: grain_run(device_iterator),
+        "  ... finish=device": lambda: grain_run(device_iterator),
         "eval: decode + x/255 + float resize": lambda: [A.eval_preprocess(source[i]["image"], 128).shape and None
                                                         for i in range(n)],
     }

@@ -10,10 +10,11 @@
 - multi: the paper's 5 crops (1 whole image, 1 of 50–75%, 3 of 50% of the area), 5 updates per batch;
   one: the whole image once, 1 update per batch: 5x cheaper per epoch.
 The authors ran their cropping study for 5 epochs on 250,000 images, batch 64, Adam 1e-3, BCE (§2); these settings keep
-every other field of configs/paper.py. What is ablated is the design (augmentation on/off × multi-crop/one crop) on
-this paper's model and crops: the companion's own runs differ (original_method.md §7.2-7.3: its 83,225-parameter AE,
-64 px crops, multi-crops of 1/2/2 crops at 100 / 50-75 / 25-50 % of the area, batch 256, Adam 1e-4, 50 epochs). ``aug_multi`` is the paper config itself. Cost per epoch of N images: N/64
-batches of 5 (multi) or 1 (one) crop-steps at ~9.8 GFLOP per crop-step.
+every other field of configs/paper.py. What is ablated is the design (augmentation on/off × multi-crop/one crop) on this
+paper's model and crops: the companion's own runs differ (original_method.md §7.2-7.3: its 83,225-parameter AE, 64 px
+crops, multi-crops of 1/2/2 crops at 100 / 50-75 / 25-50 % of the area, batch 256, Adam 1e-4, 50 epochs). ``aug_multi``
+is the paper config itself. Cost per epoch of N images: N/64 batches of 5 (multi) or 1 (one) crop-steps at ~9.8 GFLOP
+per image per crop-step (~0.63 TFLOP per crop-step of 64).
 
 ``,demo`` after the setting (e.g. ``configs/ablation.py:noaug_one,demo``) shrinks it like configs/demo.py (crops of
 64 px, batch 16, 40 batches, the demo plate's dataset): the four settings on a 2-core CPU in minutes each, then

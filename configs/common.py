@@ -1,4 +1,4 @@
-"""The sections every training config shares, at the paper's values (docs/original_method.md §2–3).
+"""The sections every training config shares, at the paper's values (../shared/docs/original_method.md §2–3).
 
 Configs import ``base_config()`` and change what differs; ``train.py`` reads only the resulting ConfigDict.
 """
@@ -23,7 +23,8 @@ def base_config() -> ConfigDict:
     cfg.model.latent_channels = 4
     cfg.model.decoder_widths = (32, 64, 128)
     # Same function in every formulation; "auto" picks the fastest measured for the backend when the step is traced
-    # (CPU: subpixel_vjp in one-image slices; GPU: fused_1ch in bf16/float16, plain in float32; see cellssl_jax/models/convae.py).
+    # (CPU: subpixel_vjp in one-image slices; GPU: fused_1ch in bf16/float16, plain in float32; see
+    # cellssl_jax/models/convae.py).
     cfg.model.formulation = "auto"
     cfg.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU keeps float32 parameters
 

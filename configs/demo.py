@@ -9,9 +9,9 @@ crops of 64 px instead of 128 (4x fewer FLOPs per crop; the latent is 4x16x16 = 
 batches (200 optimizer updates, 640 of the plate's 8,736 images) instead of 5 epochs; the lr decay at epoch 5 is
 never reached.
 
-Measured (2026-11-26, the shared 2-core machine with other jobs holding its load average at ~4, so a quiet machine
-should do better): 3 min 15 s for the whole command; 172 s of training for 40 steps, of which 26 s the first step
-(compilation), then 4.4 images/s (22 crop-steps/s); loss 0.69334 → 0.69220 (bce_excess 0.00262 → 0.00170, mse
+Measured inside ``make demo`` on fresh checkouts of the quiet 2-core machine (2026-11-26, BENCHMARKS.md "Demo
+training"): an 18–22 s first step (compilation), then 8.9–10.1 images/s (each image is 5 crops), ~100 s for the 40
+steps. An earlier run (load average ~4: 4.4 images/s): loss 0.69334 → 0.69220 (bce_excess 0.00262 → 0.00170, mse
 0.00130 → 0.00084). At this budget the reconstructions carry the illumination and coarse density of the field, not
 yet single cells (images/reconstruction_*.png); raise --config.total_steps for more.
 """

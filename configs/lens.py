@@ -1,5 +1,5 @@
-"""The lens (docs/original_method.md §6): a ConvAE L initialised from a pretrained one, trained with the frozen
-pretrained encoder F and a linear classifier over DMSO, PBS and the drugs, on the last images of each class's
+"""The lens (../shared/docs/original_method.md §6): a ConvAE L initialised from a pretrained one, trained with the
+frozen pretrained encoder F and a linear classifier over DMSO, PBS and the drugs, on the last images of each class's
 highest-concentration wells.
 
     python train.py --config configs/lens.py --workdir runs/lens --config.dataset_dir=DATASET \
@@ -7,20 +7,22 @@ highest-concentration wells.
     python train.py --config configs/lens.py:demo --workdir runs/demo/lens
     python evaluate.py lens --lens runs/demo/lens --data runs/demo/dataset --out runs/demo/lens_eval
 
-The paper's setting (§6.3): whole images at 128 px, no augmentation, batch 64, lens Adam 5e-4, classifier Adam 1e-3,
-5 epochs, coefficient −60 (the regularized lens: BCE + 60·CE). The authors ran the coefficients −1, −20, −40, −60 in
+The paper's setting (§6.3): whole images at 128 px, no augmentation, batch 64, lens Adam 5e-4, classifier Adam 1e-3, 5
+epochs, coefficient −60 (the regularized lens: BCE + 60·CE). The authors ran the coefficients −1, −20, −40, −60 in
 sequence on the same objects (20 epochs for their −60 lens) and, through a detached loss, with no classifier gradient
 into the lens at all; ``--config.lens.paper_faithful=True`` reproduces that (and the image-level split and double
-softmax). Since their coefficient never reached a gradient, their sequence is one lens fine-tuned on BCE for 20
-epochs: ``--config.lens.paper_faithful=True --config.num_epochs=20`` is their −60 lens as coded (data order aside). Here the classifier term is live and the split is by well. On the paper's 21 cell lines × 33 classes ×
-4 wells × 30 images (≤ 83,160 images; half of them train with the default split) one epoch is ~650 steps of batch 64;
-not yet run on an accelerator.
+softmax). Since their coefficient never reached a gradient, their sequence is one lens fine-tuned on BCE for 20 epochs:
+``--config.lens.paper_faithful=True --config.num_epochs=20`` is their −60 lens as coded (data order aside). Here the
+classifier term is live and the split is by well. On the paper's 21 cell lines × 33 classes × 4 wells × 30 images (≤
+83,160 images; half of them train with the default split) one epoch is ~650 steps of batch 64; not yet run on an
+accelerator.
 
 ``demo`` shrinks it for the 2-core CPU: the demo plate's 10 classes × 2 cell lines, the last 10 frames (60–96 h, where
 the planted effects are strongest; 380 train, 180 val, 200 test images), batch 16, 3 epochs (69 steps), started from
-the authors' ConvAE as the paper's lens was (imported by ``make demo``; 128 px). Measured 2026-11-26 (2-core machine
-shared with other jobs), 4 epochs: 290 s; the joint classifier fits the train images (top-1 1.0 from step 40) but
-reaches 0.17 / 0.42 top-1 / top-3 on the held-out wells (chance 0.1 / 0.3); README "Lens" has the evaluation.
+the authors' ConvAE as the paper's lens was (imported by ``make demo``; 128 px). In ``make demo`` (fresh checkout of
+fd28c65, 2-core machine) the lens stage, training and evaluation, took 235 s; the joint classifier fits the train
+images (top-1 1.0 after 40 steps) but reaches 0.115 / 0.42 top-1 / top-3 on the held-out wells (chance 0.1 / 0.3);
+README "Lens" has the evaluation. (An earlier 4-epoch run, 2026-11-26 on a machine shared with other jobs: 290 s.)
 """
 
 from ml_collections import ConfigDict

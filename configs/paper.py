@@ -1,4 +1,4 @@
-"""The paper's ConvAE pretraining (Dmitrenko et al. 2022; docs/original_method.md §2–3).
+"""The paper's ConvAE pretraining (Dmitrenko et al. 2022; ../shared/docs/original_method.md §2–3).
 
     python train.py --config configs/paper.py --workdir runs/paper --config.dataset_dir=DATASET
 

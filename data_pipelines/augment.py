@@ -1,6 +1,6 @@
 """Crops and augmentations of the SwAV-style multi-crop, as pure functions of (image, rng).
 
-What the authors ran (pheno-ml `src/datasets.py:MultiCropDataset`, see docs/original_method.md §2), per crop:
+What the authors ran (pheno-ml `src/datasets.py:MultiCropDataset`, see ../shared/docs/original_method.md §2), per crop:
 ``RandomResizedCrop(size, scale=(min, max))`` (ratio (3/4, 4/3), PIL bilinear on the uint8 image) → ``ToTensor`` (x/255)
 → ``RandomHorizontalFlip(0.5)`` → ``RandomApply(GaussianBlur(3, sigma=(0.1, 2.0)), p=0.2)``.
 

@@ -25,11 +25,11 @@ example index and row_id differ once a row is refused). How the image is stored 
 
 Every record may then be compressed by ArrayRecord itself (`record_compression`): 'none' (default) writes
 'group_size:1,uncompressed'; 'zstd' writes the options TFDS uses, 'group_size:1' (one record per chunk, for random
-access) with zstd level 3 (window_log 20). 'none' is the default because reading is the input pipeline's budget (2,000 images/s per core for decode + 5 crops +
-augmentation leaves ~70 us for the read). Measured on 1,000 256x256 synthetic-plate images (CPU time, medians): zstd
-keeps a raw record at 53 KB instead of 66 KB, but its decompression is most of what reading a raw image costs
-(ArrayRecord read ~115 us vs ~30 us uncompressed). zstd has no pixel prediction: what it gains comes from the
-narrow histogram of the images, not from their smoothness.
+access) with zstd level 3 (window_log 20). 'none' is the default because reading is the input pipeline's budget (2,000
+images/s per core for decode + 5 crops + augmentation leaves ~70 us for the read). Measured on 1,000 256x256
+synthetic-plate images (CPU time, medians): zstd keeps a raw record at 53 KB instead of 66 KB, but its decompression is
+most of what reading a raw image costs (ArrayRecord read ~115 us vs ~30 us uncompressed). zstd has no pixel prediction:
+what it gains comes from the narrow histogram of the images, not from their smoothness.
 
 What counts as a bad image, and what happens to it (each goes to quarantine.csv with its reason; the build fails
 once more than `max_bad_fraction` of the manifest rows are bad):
@@ -503,10 +503,10 @@ def build_dataset(manifest: Manifest | str | os.PathLike, out_dir: str | os.Path
                   progress: bool = True) -> BuildReport:
     """Builds the dataset described in the module docstring and returns counts and timing.
 
-    ``manifest`` is a validated Manifest or a path given to load_manifest (ManifestError on bad input).
-    Raises BuildError when more than ``options.max_bad_fraction`` of the rows are bad, or every row is
-    (quarantine.csv is still written, and no dataset is left behind), when ``out_dir`` holds a previous build and ``overwrite`` is off, or
-    when PNG is asked for more than 4 channels.
+    ``manifest`` is a validated Manifest or a path given to load_manifest (ManifestError on bad input). Raises
+    BuildError when more than ``options.max_bad_fraction`` of the rows are bad, or every row is (quarantine.csv is still
+    written, and no dataset is left behind), when ``out_dir`` holds a previous build and ``overwrite`` is off, or when
+    PNG is asked for more than 4 channels.
     """
     options = options or BuildOptions()
     if not isinstance(manifest, Manifest):
@@ -580,6 +580,35 @@ def build_dataset(manifest: Manifest | str | os.PathLike, out_dir: str | os.Path
     tmp.replace(out / "dataset.json")  # last: a dataset.json means the build finished
     return BuildReport(dataset_dir=out, num_rows=len(table), num_examples=num_examples,
                        num_quarantined=len(quarantine), seconds=seconds)
+
+
+def as_built_dataset(data: str | os.PathLike, build_dir: str | os.PathLike) -> Path:
+    """``data`` as a built dataset folder: ``data`` itself when it holds a finished build (a dataset.json); else
+    ``data`` is a manifest, built into ``build_dir`` with the default options, or the build found there when it was
+    made from this manifest file after the file last changed (so that rerunning a command does not build again).
+
+    Only the manifest file's time is compared: images changed in place after the build are not noticed (remove
+    ``build_dir`` to build again). A ``build_dir`` left half-built by an interrupted run is built anew."""
+    data = Path(data)
+    if (data / "dataset.json").exists():
+        return data
+    if data.is_dir():
+        raise BuildError(f"{data} is a folder without a finished build (no dataset.json): give a built dataset "
+                         "(python -m data_pipelines.build) or a manifest file")
+    if not data.exists():
+        raise BuildError(f"{data}: no such manifest file or built dataset folder")
+    out = Path(build_dir).resolve()
+    info_path = out / "dataset.json"
+    if info_path.exists():
+        source = json.loads(info_path.read_text()).get("source_manifest")
+        if source is not None and Path(source).resolve() == data.resolve() \
+                and info_path.stat().st_mtime >= data.stat().st_mtime:
+            return out
+        built_from = f"a build of {source}" if source is not None else "a build of an in-memory manifest"
+        raise BuildError(f"{out} holds {built_from}, not of {data} as it is now (another manifest, or one changed "
+                         "since): remove that folder to build it again, or give a built dataset")
+    build_dataset(data, out, overwrite=True)  # no finished build there: only what an interrupted run left
+    return out
 
 
 def _prepare_output_dir(out: Path, overwrite: bool) -> None:

@@ -1,8 +1,8 @@
 """The lens task's images: which images, which class each is, which split, and the masks to score maps against.
 
-The authors' selection (docs/original_method.md §6.2): for every cell line and every class (DMSO, PBS, then the 31
-drugs in their constants order), the wells of that class at its highest concentration, at most 4 wells, and the last
-30 images of each well; labels 0 = DMSO, 1 = PBS, 2… the drugs. They split those images at random, image by image
+The authors' selection (../shared/docs/original_method.md §6.2): for every cell line and every class (DMSO, PBS, then
+the 31 drugs in their constants order), the wells of that class at its highest concentration, at most 4 wells, and the
+last 30 images of each well; labels 0 = DMSO, 1 = PBS, 2… the drugs. They split those images at random, image by image
 (10% test, ``random_state=42``), so neighbouring frames of one well, nearly the same picture, sit on both sides.
 
 Here the split is by well (``split_by='well'``, the default): within each (cell line, class) the capped wells are

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -461,3 +462,34 @@ def test_the_failed_build_names_the_manifest_and_its_line(tmp_path):
     manifest_path, _ = _plate_with_bad_images(tmp_path)
     with pytest.raises(BuildError, match=rf"of {manifest_path.resolve()}\)\..* e\.g\. line 4 \(row_id 2\) "):
         _build(manifest_path, tmp_path / "ds", channels=["phase"], max_bad_fraction=0.1)
+
+
+def test_a_manifest_is_built_once_into_the_folder_commands_derive_for_it(tmp_path):
+    """What `evaluate.py features --data MANIFEST` relies on: a build is used as is, a manifest is built beside the
+    output once and reused on a rerun, and a stale or foreign build there is refused, not silently read."""
+    from data_pipelines.build import as_built_dataset
+
+    rows = []
+    for i in range(3):
+        Image.fromarray(_noise(i, (SIZE, SIZE))).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", **_meta(i)})
+    manifest = _write_manifest(tmp_path, rows)
+    built = as_built_dataset(manifest, tmp_path / "derived")
+    assert built == (tmp_path / "derived").resolve() and len(open_source(built)) == 3
+    stamp = (built / "dataset.json").read_text()
+    assert as_built_dataset(manifest, tmp_path / "derived") == built  # reused: not built again
+    assert (built / "dataset.json").read_text() == stamp
+    assert as_built_dataset(built, tmp_path / "unused") == built and not (tmp_path / "unused").exists()
+
+    later = (built / "dataset.json").stat().st_mtime + 5
+    os.utime(manifest, (later, later))  # the manifest changed after the build
+    with pytest.raises(BuildError, match="changed since"):
+        as_built_dataset(manifest, tmp_path / "derived")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BuildError, match="no dataset.json"):
+        as_built_dataset(tmp_path / "empty", tmp_path / "other")
+    with pytest.raises(BuildError, match="no such manifest file"):
+        as_built_dataset(tmp_path / "moved.csv", tmp_path / "other")
+    (tmp_path / "half").mkdir()  # what an interrupted build leaves: outputs but no dataset.json
+    (tmp_path / "half" / "quarantine.csv").write_text("row_id,path,reason\n")
+    assert len(open_source(as_built_dataset(manifest, tmp_path / "half"))) == 3

@@ -262,7 +262,7 @@ def loss(x, k, b, pre, k2, b2, pb):
     return jnp.sum(y1 ** 2) + jnp.sum(jnp.sin(y2))
 grad = jax.grad(loss, argnums=tuple(range(7)))
 def sharded(*a):
-    with fb.batch_sharded(mesh):
+    with fb.batch_sharded(mesh, "data"):
         return grad(*a)
 batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 # the defaults (float32 here: auto = xla), then the alternatives whose gradients come from kernels (summed over

@@ -356,11 +356,11 @@ def test_a_two_class_lens_task_evaluates_with_top3_as_top_k(tmp_path):
 def test_autoencoder_only_switches_are_refused_for_the_lens_not_ignored(override):
     """--config.loss=mse or --config.optimizer.name=adamw on configs/lens.py would otherwise train the same BCE lens
     with Adam and say nothing."""
-    from cellssl_jax.training.lens_setup import build_lens_setup
+    from cellssl_jax.training.objectives import setup_objective
     from configs.lens import get_config
 
     cfg = get_config("demo")
     section, _, name = override[0].rpartition(".")
     (cfg[section] if section else cfg)[name] = override[1]
     with pytest.raises(ValueError, match=override[0].replace(".", r"\.") + f"='{override[1]}'"):
-        build_lens_setup(cfg, source=None)
+        setup_objective(cfg, source=None)

@@ -79,10 +79,12 @@ def test_all_phase_conv_as_one_product_equals_the_convolution(dtype, tol):
         all_phase_conv(x, k_all, "cudnn")
 
 
-@pytest.mark.parametrize("loss,formulation,phase_conv", [
-    ("bce", "subpixel", "xla"), ("mse", "subpixel", "xla"), ("bce", "plain_1ch", "xla"), ("bce", "fused_1ch", "xla"),
-    ("bce", "fused_subpixel", "xla"), ("bce", "fused_subpixel", "gemm")])
-def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation, phase_conv, monkeypatch):
+# The loss is this test's own scalar of the output: a second loss (an MSE case of "subpixel", ~45 s of CPU, dropped)
+# would check the same backward pass again with another cotangent.
+@pytest.mark.parametrize("formulation,phase_conv", [
+    ("subpixel", "xla"), ("plain_1ch", "xla"), ("fused_1ch", "xla"), ("fused_subpixel", "xla"),
+    ("fused_subpixel", "gemm")])
+def test_fast_formulation_outputs_and_gradients_match_plain(formulation, phase_conv, monkeypatch):
     from cellssl_jax.models import fused_blocks  # noqa: PLC0415
 
     monkeypatch.setitem(fused_blocks.TUNING, "phase_conv", phase_conv)  # fused_subpixel's all-phase convolution
@@ -90,10 +92,7 @@ def test_fast_formulation_outputs_and_gradients_match_plain(loss, formulation, p
     x = jax.random.uniform(jax.random.key(1), (4, 128, 128, 1))
 
     def objective(p, formulation):
-        y = ConvAE(formulation=formulation).apply({"params": p}, x)
-        if loss == "mse":
-            return jnp.mean((y - x) ** 2)
-        y = jnp.clip(y, 1e-7, 1 - 1e-7)
+        y = jnp.clip(ConvAE(formulation=formulation).apply({"params": p}, x), 1e-7, 1 - 1e-7)
         return -jnp.mean(x * jnp.log(y) + (1 - x) * jnp.log1p(-y))
 
     (l_plain, g_plain) = jax.value_and_grad(objective)(params, "plain")

@@ -11,8 +11,6 @@ import textwrap
 from pathlib import Path
 
 import jax
-import numpy as np
-import pytest
 
 from cellssl_jax import parallel
 

@@ -1,5 +1,5 @@
-"""Encoders × tasks (docs/original_method.md §4): the authors' comparison of feature extractors, the yardstick for
-ablations of augmentation and crop settings.
+"""Encoders × tasks (../shared/docs/original_method.md §4): the authors' comparison of feature extractors, the
+yardstick for ablations of augmentation and crop settings.
 
 - ``evaluate.compare_encoders`` / ``compare_feature_files``: run every task on every encoder and feature mode; write
   tables, figures and ``summary.json``.

@@ -1,5 +1,5 @@
-"""Encoders × tasks: the authors' comparison of feature extractors (docs/original_method.md §4), as the yardstick for
-ablations of augmentation and crop settings and for our ConvAE against theirs.
+"""Encoders × tasks: the authors' comparison of feature extractors (../shared/docs/original_method.md §4), as the
+yardstick for ablations of augmentation and crop settings and for our ConvAE against theirs.
 
     compare_encoders({"ours": "runs/demo/train", "authors": "runs/demo/authors", "random": "random"},
                      "runs/demo/dataset", "runs/demo/compare")
@@ -103,7 +103,7 @@ def extract_selected(params, model, dataset_dir: str | Path, out_dir: str | Path
 
 def feature_file_mode(path: str | Path) -> str:
     """The feature mode a features Parquet was written with (``pooled``, ``latent``; ``features`` if unrecorded)."""
-    from cellssl_jax.features.extract import read_feature_metadata
+    from cellssl_jax.features import read_feature_metadata
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"features file {path} not found")
@@ -256,8 +256,8 @@ def _headline(rep_tables, probe_grids, cluster_tables, rows) -> list[dict]:
 
 
 def strategy_scores(table: list[dict]) -> list[dict]:
-    """The authors' cropping-strategy summary (docs/original_method.md §4.4), per feature mode over the encoders
-    compared: similarity = 1 / mean(euclidean / max, braycurtis / max) of the median replicate distances;
+    """The authors' cropping-strategy summary (../shared/docs/original_method.md §4.4), per feature mode over the
+    encoders compared: similarity = 1 / mean(euclidean / max, braycurtis / max) of the median replicate distances;
     classification = the best training accuracy of any probe config; clustering = mean(silhouette / max, CH / max,
     (1/DB) / max); each then rescaled to [0, 1] over the encoders (the best 1, the worst 0). Relative numbers: they
     rank the encoders of one comparison and mean nothing alone (NaN when all encoders score the same, e.g. one

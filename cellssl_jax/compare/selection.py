@@ -1,4 +1,4 @@
-"""Which images each comparison task reads (docs/original_method.md §4.2–§4.4), from metadata alone.
+"""Which images each comparison task reads (../shared/docs/original_method.md §4.2–§4.4), from metadata alone.
 
 Works on any table with the ``Metadata_*`` columns: a dataset manifest (to pick the records whose features to
 extract) or a features Parquet (to pick rows of features already extracted). Every task reads the wells of each

@@ -100,7 +100,7 @@ def extract_features_from_image(path: str | Path, params, model) -> np.ndarray:
     """
     import jax.numpy as jnp
 
-    from cellssl_jax.features.extract import feature_function
+    from cellssl_jax.features import feature_function
 
     if model.in_channels != 1:
         raise ValueError(

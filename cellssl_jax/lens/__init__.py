@@ -1,4 +1,4 @@
-"""Morphological analysis with the lens (docs/original_method.md §6): evaluation of a lens trained by
+"""Morphological analysis with the lens (../shared/docs/original_method.md §6): evaluation of a lens trained by
 ``train.py --config configs/lens.py``.
 
 - ``evaluate.evaluate_lens``: held-out top-1/top-3 of fresh linear probes with and without the lens, per cell line,

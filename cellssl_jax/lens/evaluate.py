@@ -1,5 +1,5 @@
-"""The lens evaluation (docs/original_method.md §6.4–6.5), done on held-out wells, with the authors' protocol as an
-option: ``evaluate_lens(lens_checkpoint, dataset_dir, out_dir)``.
+"""The lens evaluation (../shared/docs/original_method.md §6.4–6.5), done on held-out wells, with the authors'
+protocol as an option: ``evaluate_lens(lens_checkpoint, dataset_dir, out_dir)``.
 
 1. The images of the lens task are selected again from the dataset's manifest with the lens run's own settings
    (``data_pipelines.lens_data``: same classes, same split by well), so nothing the lens trained on is scored.

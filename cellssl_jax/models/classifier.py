@@ -1,6 +1,6 @@
 """The authors' ``DrugClassifier`` head: Flatten → Linear(features, classes). No softmax here: the objective and the
 probes decide how the logits become probabilities (the authors' Softmax-then-CrossEntropyLoss lives behind their
-``paper_faithful`` switches, docs/original_method.md §8.1)."""
+``paper_faithful`` switches, ../shared/docs/original_method.md §8.1)."""
 
 from __future__ import annotations
 

@@ -163,13 +163,14 @@ _BATCH_MESH = contextvars.ContextVar("fused_blocks_batch_mesh", default=None)
 
 
 @contextlib.contextmanager
-def batch_sharded(mesh, axis: str = "data"):
+def batch_sharded(mesh, axis: str):
     """Functions traced inside this block run the Pallas kernels on each device's share of the batch.
 
     A pallas_call has no sharding rule: under a jit whose batch is split over several devices XLA would gather the
     whole batch onto every device to run it. Inside this block the kernels run under ``jax.shard_map`` over ``axis``
     of ``mesh`` (batch split, parameters replicated; the parameters' gradients are summed over devices by
-    shard_map's transpose). The training step traces its model inside it (``training/step.py``).
+    shard_map's transpose). The caller names the batch axis (``parallel.DATA_AXIS``: models name no device axis);
+    the training step traces its model inside this block (``training/step.py``).
     """
     token = _BATCH_MESH.set(None if mesh is None else (mesh, axis))
     try:

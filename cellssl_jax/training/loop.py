@@ -6,7 +6,9 @@ a pure function of (seed, position) and XLA on one machine is deterministic, the
 parameters, bit for bit, as one that was never interrupted (tests/test_training.py).
 
 ``config.objective`` picks what is trained: ``'autoencoder'`` (the ConvAE, default) or ``'lens'`` (configs/lens.py:
-the lens task's labelled images, a frozen pretrained ConvAE and a classifier; training/lens_setup.py).
+the lens task's labelled images, a frozen pretrained ConvAE and a classifier). Each objective's file in
+``objectives/`` says, through its ``setup``, what it trains on and with what (``objectives.ObjectiveSetup``); the loop
+asks which one it runs only to refuse evaluators (``config.evals``) for a lens, since they score a ConvAE encoder.
 
 Steps count batches. Under ``crop_steps='per_crop'`` one batch is ``n_crops`` optimizer updates; the learning-rate
 milestones are converted with that in mind (optimizer.py).
@@ -33,12 +35,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellssl_jax.models.convae import model_from_config
 from cellssl_jax.parallel import fetch_replicated, global_batch, local_replica, make_data_mesh
 from cellssl_jax.training.checkpoint import TrainCheckpointer
-from cellssl_jax.training.lens_setup import OBJECTIVES, build_lens_setup
-from cellssl_jax.training.objectives.autoencoder import AutoencoderObjective
-from cellssl_jax.training.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
+from cellssl_jax.training.objectives import setup_objective
+from cellssl_jax.training.optimizer import host_learning_rate
 from cellssl_jax.training.step import create_train_state, make_train_step, updates_per_batch
 from cellssl_jax.training.writers import MetricWriter, reconstruction_grid
 
@@ -72,13 +72,6 @@ def run_plan(config, num_images: int) -> dict:
             "updates_per_epoch": steps_per_epoch * upb}
 
 
-def saved_model_config(config) -> dict:
-    """The ``model`` section as stored with every checkpoint, plus the crop size the model was trained on."""
-    model_cfg = json.loads(config.model.to_json_best_effort())
-    model_cfg["image_size"] = int(config.input.size_crops[0])
-    return model_cfg
-
-
 def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint). Returns a summary dict.
 
@@ -96,40 +89,21 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                 "config.dataset_dir is empty; pass --config.dataset_dir=DIR (a data_pipelines.build output)")
         source = open_source(config.dataset_dir)
     _check_channels(config, source)
-    objective_name = config.get("objective", "autoencoder")
-    if objective_name not in OBJECTIVES:
-        raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {objective_name!r}")
-    lens_setup = build_lens_setup(config, source) if objective_name == "lens" else None
-    if lens_setup is not None:
-        source = lens_setup.source
+    chosen = setup_objective(config, source)
+    source, model, objective = chosen.source, chosen.model, chosen.objective
     plan = run_plan(config, len(source))
     mesh = make_data_mesh()
     if plan["batch_size"] % mesh.size:
         raise ValueError(f"input.batch_size={plan['batch_size']} must be a multiple of the {mesh.size} devices")
 
     image_size = int(config.input.size_crops[0])
-    initial_params = None
-    if lens_setup is None:
-        model = model_from_config(config.model)
-        optimizer, _ = make_optimizer(config.optimizer, updates_per_epoch=plan["updates_per_epoch"])
-        objective = AutoencoderObjective(model, config.loss)
-        model_record = saved_model_config(config)
-    else:
-        from cellssl_jax.training.objectives.lens import lens_optimizer
-
-        model, objective, model_record = lens_setup.model, lens_setup.objective, lens_setup.model_record
-        # config.optimizer (lr and decay) drives the lens; the classifier has its own constant lr.
-        lens_schedule = learning_rate_schedule(config.optimizer, updates_per_epoch=plan["updates_per_epoch"])
-        optimizer = lens_optimizer(lens_schedule, float(config.lens.classifier_lr))
-        initial_params = objective.init_params(lens_setup.pretrained, lens_setup.feature_norm,
-                                               jax.random.key(int(config.seed)), image_size,
-                                               init_lens_from_pretrained=bool(config.lens.init_from_pretrained))
+    optimizer = chosen.make_optimizer(plan["updates_per_epoch"])
     log.info("model: formulation %s (configured %r), micro-batch %s, compute dtype %s; %d %s device(s)",
              model.resolved_formulation(), model.formulation, model.resolved_micro_batch() or "whole batch",
              np.dtype(model.dtype).name, jax.device_count(), jax.default_backend())
     if (slow := model.speed_warning()) is not None:
         log.warning("%s", slow)
-    evaluators = build_evaluators(config, objective_name)
+    evaluators = build_evaluators(config, config.get("objective", "autoencoder"))
     train_step = make_train_step(model, optimizer, loss=config.loss, crop_steps=config.crop_steps, mesh=mesh,
                                  objective=objective, scan_crops=bool(config.get("scan_crops", False)))
     preview = jax.jit(objective.preview)
@@ -138,15 +112,14 @@ def train_and_evaluate(config, workdir: str | Path, *, source=None) -> dict:
                                          process_count=jax.process_count(),
                                          accelerator=jax.default_backend() != "cpu"))
     config_record = json.loads(config.to_json_best_effort())
-    config_record["model"] = model_record
+    config_record["model"] = chosen.model_record
     config_record["plan"] = plan
-    if lens_setup is not None:
-        config_record["lens_classes"] = list(lens_setup.classes)
+    config_record.update(chosen.record)
 
     ck_cfg = config.checkpoint
     checkpointer = TrainCheckpointer(workdir, keep=int(ck_cfg.keep), asynchronous=bool(ck_cfg.get("async", True)))
     init = functools.partial(create_train_state, model, optimizer, int(config.seed), image_size=image_size,
-                             params=initial_params)
+                             params=chosen.initial_params)
     start_step = checkpointer.latest_step()
     if start_step is not None:
         state, start_step = checkpointer.restore(jax.eval_shape(init), iterator, mesh=mesh)

@@ -7,10 +7,10 @@ replicated. XLA inserts the gradient all-reduce; the function reads the same on 
 ``crop_steps`` decides what a multi-crop batch ``{'crops': (c_0, …, c_{n-1})}`` does:
 - ``"per_crop"`` (the paper): each crop-batch takes its own optimizer step, in order, each on the parameters the
   previous one produced: n updates per batch. The n updates are unrolled in the one program by default. With
-  ``scan_crops=True`` crops of one size run as a ``lax.scan`` over one compiled body instead: half the compile time,
-  but on XLA:CPU (jax 0.10.2, this project's 2-core machine, loaded by other jobs, default XLA flags) the full
-  ConvAE's 5 crop-steps at 64 px, batch 16, took 165-200 s a batch under ``scan`` against 16-25 s unrolled:
-  convolutions inside a while-loop body lose XLA:CPU's fast paths. Try scan on accelerators, where the loop body is the same kernels.
+  ``scan_crops=True`` crops of one size run as a ``lax.scan`` over one compiled body instead: half the compile time, but
+  on XLA:CPU (jax 0.10.2, this project's 2-core machine, loaded by other jobs, default XLA flags) the full ConvAE's 5
+  crop-steps at 64 px, batch 16, took 165-200 s a batch under ``scan`` against 16-25 s unrolled: convolutions inside a
+  while-loop body lose XLA:CPU's fast paths. Try scan on accelerators, where the loop body is the same kernels.
 - ``"joint"``: the mean loss over all crops, one update per batch.
 
 A batch may instead carry ``{'crops_uint8': (...), 'photometric': (...)}`` (``input.finish='device'``): the step then
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from cellssl_jax.models import fused_blocks
-from cellssl_jax.parallel import batch_sharding, replicated_sharding
+from cellssl_jax.parallel import DATA_AXIS, batch_sharding, replicated_sharding
 from cellssl_jax.training.objectives.autoencoder import AutoencoderObjective
 from data_pipelines import device_finish
 
@@ -104,7 +104,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, loss: str
         return params, opt_state, apply, (value, grad_norm, loss_ok, grad_ok, aux)
 
     def train_step(state: TrainState, batch):
-        with fused_blocks.batch_sharded(mesh):  # Pallas kernels per device's share of the batch (fused_1ch)
+        with fused_blocks.batch_sharded(mesh, DATA_AXIS):  # Pallas kernels per device's share of the batch
             return sharded_train_step(state, batch)
 
     def sharded_train_step(state: TrainState, batch):

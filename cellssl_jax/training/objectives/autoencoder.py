@@ -10,12 +10,15 @@ Even for bfloat16 compute, the logits come back as float32 (the model casts its 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.special
+
+from cellssl_jax.training.objectives import ObjectiveSetup
 
 LOSSES = ("bce", "mse")
 
@@ -60,3 +63,24 @@ class AutoencoderObjective:
     def preview(self, params, image: jax.Array) -> jax.Array:
         """The reconstruction in [0, 1] (float32), for the input-vs-reconstruction grid."""
         return jax.nn.sigmoid(self.logits(params, image))
+
+
+def model_record(config) -> dict:
+    """The ``model`` section as stored with every checkpoint, plus the crop size the model was trained on."""
+    record = json.loads(config.model.to_json_best_effort())
+    record["image_size"] = int(config.input.size_crops[0])
+    return record
+
+
+def setup(config, source) -> ObjectiveSetup:
+    """The ConvAE of ``config.model``, trained on every image of ``source`` with ``config.loss`` and
+    ``config.optimizer``."""
+    from cellssl_jax.models.convae import model_from_config
+    from cellssl_jax.training.optimizer import make_optimizer
+
+    model = model_from_config(config.model)
+    return ObjectiveSetup(
+        source=source, model=model, objective=AutoencoderObjective(model, config.loss),
+        model_record=model_record(config),
+        make_optimizer=lambda updates_per_epoch: make_optimizer(config.optimizer,
+                                                                updates_per_epoch=updates_per_epoch)[0])
