@@ -209,8 +209,10 @@ def test_a_lens_run_gives_the_features_of_its_frozen_pretrained_encoder(dataset,
     save_params_checkpoint(tmp_path / "lens", {"lens": lens, "pretrained": pretrained,
                                                "classifier": {"kernel": np.zeros((256, 3), np.float32)},
                                                "feature_norm": {"mean": np.zeros(256, np.float32)}}, model_config)
-    kwargs = dict(mode="latent", batch_size=4, image_size=32, progress=False)
-    want = pd.read_parquet(extract_from_checkpoint(tmp_path / "pretrained", dataset, tmp_path / "p.parquet", **kwargs))
-    got_path = extract_from_checkpoint(tmp_path / "lens", dataset, tmp_path / "l.parquet", **kwargs)
+    kwargs = dict(batch_size=4, image_size=32, progress=False)
+    want = pd.read_parquet(extract_from_checkpoint(tmp_path / "pretrained", dataset, tmp_path / "p.parquet",
+                                                   mode="latent", **kwargs))
+    # {mode: path}, as make demo writes both modes in one pass
+    got_path = extract_from_checkpoint(tmp_path / "lens", dataset, {"latent": tmp_path / "l.parquet"}, **kwargs)["latent"]
     pd.testing.assert_frame_equal(pd.read_parquet(got_path), want)
     assert "frozen pretrained encoder" in read_feature_metadata(got_path)["encoder"]

@@ -263,16 +263,16 @@ def extract_from_checkpoint(checkpoint: str | Path, data: str | Path, out_path, 
     """Load parameters and model config from any checkpoint the project writes (trained, imported, or a lens run:
     its frozen pretrained encoder; ``training.checkpoint.load_encoder_params``) and extract.
 
-    ``data``: a built dataset folder, or a manifest, which the data room builds first into ``<out_path's
-    stem>_dataset`` beside ``out_path`` (a finished build of the same manifest there is reused; this room never reads
-    image files itself)."""
+    ``data``: a built dataset folder, or a manifest, which the data room builds first into ``<stem>_dataset`` beside
+    ``out_path`` (the first one, when ``out_path`` is a dict of modes; a finished build of the same manifest there is
+    reused; this room never reads image files itself)."""
     from cellssl_jax.models.convae import model_from_config
     from cellssl_jax.training.checkpoint import load_encoder_params
     from data_pipelines.build import as_built_dataset
 
     params, model_cfg, description = load_encoder_params(checkpoint)  # first: a wrong path fails before a build
-    out_path = Path(out_path)
-    dataset_dir = as_built_dataset(data, out_path.parent / f"{out_path.stem}_dataset")
+    first_out = Path(next(iter(out_path.values())) if isinstance(out_path, dict) else out_path)
+    dataset_dir = as_built_dataset(data, first_out.parent / f"{first_out.stem}_dataset")
     log.info("features of %s", description)
     model = model_from_config(model_cfg)
     return extract_features(params, model, dataset_dir, out_path,
