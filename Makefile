@@ -17,8 +17,9 @@ demo: $(STAMP)
 	$(VPY) -m cellssl_jax.demo --workdir runs/demo
 
 # Two pytest worker processes (pytest-xdist): much of the suite is XLA compilation, one core each, so two workers
-# share the 2-core CI machine better than one process (390 tests: 10.5 min against 15.5; 477 tests with two: 11.5 min
-# on a fresh clone since conftest.py compiles at LLVM -O0; BENCHMARKS.md, "Test suite"). TEST_WORKERS=0: one process.
+# share the 2-core CI machine better than one process (390 tests: 10.5 min against 15.5; 477 tests with two, and
+# conftest.py's LLVM -O0 and compilation cache: 11.2 min on a fresh clone; BENCHMARKS.md, "Test suite").
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -12,10 +12,10 @@ environment of their own (train.py runs, forced device counts) compile at the de
 One persistent compilation cache for the session, in a temporary folder removed at its end: the two pytest-xdist workers
 compile many of the same programs (both build ConvAEs, training steps and feature extractors of the same shapes), and so
 do the processes tests start that keep this environment. Every compilation is cached (no minimum time or size), so a
-program either process compiled is loaded, not compiled again. The suite took 9 min 49 s with it (working tree, user
-17.6 min) against 11 min 27 s without (a fresh clone of the same code, user 21.0 min), 2026-11-27 (BENCHMARKS.md, "Test
-suite"). The cache key holds the XLA flags, the jaxlib version and the devices, so only identical compilations are
-shared. A ``JAX_COMPILATION_CACHE_DIR`` already set is used as it is and left in place.
+program either process compiled is loaded, not compiled again. In the working tree the suite took 9 min 49 s with it
+(user 17.6 min) against 13 min 28 s without (user 24.4 min), one run each on 2026-11-27 (BENCHMARKS.md, "Test suite").
+The cache key holds the XLA flags, the jaxlib version and the devices, so only identical compilations are shared. A
+``JAX_COMPILATION_CACHE_DIR`` already set is used as it is and left in place.
 """
 
 import os
