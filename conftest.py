@@ -7,7 +7,8 @@ s at the default, in one process on the 2-core machine (2026-11-27; BENCHMARKS.m
 the machine code is less tuned, so values can differ in rounding, which the suite's float comparisons allow (it passes
 either way), and the bit-for-bit checks compare two runs made under the same flags. Processes that tests start with an
 environment of their own (train.py runs, forced device counts) compile at the default level.
-``CELLSSL_TEST_XLA_OPT=default`` turns this off, e.g. to run the suite exactly as users' processes compile.
+``CELLSSL_TEST_XLA_OPT=default`` turns this off, e.g. to run the suite exactly as users' processes compile; where a jax
+GPU plugin is installed it stays off.
 
 One persistent compilation cache for the session, in a temporary folder removed at its end: the two pytest-xdist workers
 compile many of the same programs (both build ConvAEs, training steps and feature extractors of the same shapes), and so
@@ -24,8 +25,18 @@ import tempfile
 
 _O0 = "--xla_backend_optimization_level=0"
 
+
+def _gpu_plugin_installed() -> bool:
+    """A jax CUDA/ROCm plugin is installed: the flag also reaches XLA's GPU code generation, measured nowhere, so a
+    GPU machine (benchmarks/gpu_session.sh runs the kernel tests there) compiles as users' processes do."""
+    from importlib.metadata import distributions
+
+    return any((d.metadata["Name"] or "").lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm"))
+               for d in distributions())
+
+
 if os.environ.get("CELLSSL_TEST_XLA_OPT", "") != "default" and "xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""):
+        "XLA_FLAGS", "") and not _gpu_plugin_installed():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
 
 _SESSION_CACHE = None
